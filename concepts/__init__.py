@@ -1,0 +1,1 @@
+"""LIKENESS_CONCEPT: the concept type, its text/embedding sources and prompt injection."""

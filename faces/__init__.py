@@ -1,0 +1,1 @@
+"""See docs/design.md section 2 for what lives here."""

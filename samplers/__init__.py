@@ -1,0 +1,1 @@
+"""Sigma helpers, DDIM inversion and Fusion Sampling (guider + sampler function)."""

@@ -1,0 +1,97 @@
+"""The Fusion Guider: four conditions and the two guidance rules of ProFusion's Fusion Sampling.
+
+    fusion stage     D = D_neg + w_f * (D_fused - D_neg)                                  (eq. 3)
+    refinement stage D = D_neg + w1 * (D_concept - D_neg) + w2 * (D_context - D_neg)      (eq. 6)
+
+Combining denoised estimates is the same as combining eps because the weights sum to one (methods.md D.5).
+A plain sampler connected to this guider gets the refinement rule, i.e. Fusion Sampling with m = 0.
+The Fusion Sampler asks for the fusion rule through a key in model_options, so the host's inpainting wrapper
+(KSamplerX0Inpaint) still sits between the sampler and both rules.
+"""
+import math
+
+import comfy.samplers
+
+STAGE_KEY = "likeness_fusion_stage"
+FUSION, REFINE = "fusion", "refine"
+
+# The concept is stored under "positive" so the host's cond processing treats it as the positive side
+# (ControlNets applied to the positive only are carried to the other conditions, as KSampler does).
+_CONCEPT = "positive"
+
+
+def _carry_over(source, target, keys=("control", "gligen")):
+    """Give each entry of target the ControlNet/GLIGEN of the first source entry when it has none of its own."""
+    if not source:
+        return target
+    extra = {k: source[0][1][k] for k in keys if k in source[0][1]}
+    if not extra:
+        return target
+    return [[t, {**extra, **d}] for t, d in target]
+
+
+class FusionGuider(comfy.samplers.CFGGuider):
+    def set_fusion_conds(self, negative, fused, concept, context):
+        fused = _carry_over(concept, fused)
+        context = _carry_over(concept, context) if context is not None else None
+        conds = {"negative": negative, "fused": fused, _CONCEPT: concept}
+        if context is not None:
+            conds["context"] = context
+        self.inner_set_conds(conds)
+
+    def set_weights(self, w_fusion: float, w_concept: float, w_context: float):
+        self.w_fusion, self.w_concept, self.w_context = float(w_fusion), float(w_concept), float(w_context)
+        self.cfg = self.w_concept  # what generic host code reads as "the" CFG scale
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        if model_options.get(STAGE_KEY, REFINE) == FUSION:
+            return self._guided(x, timestep, model_options, "fused", [self.w_fusion])
+        names = [_CONCEPT]
+        weights = [self.w_concept]
+        if "context" in self.conds and not math.isclose(self.w_context, 0.0):
+            names.append("context")
+            weights.append(self.w_context)
+        return self._guided(x, timestep, model_options, names, weights)
+
+    def _guided(self, x, timestep, model_options, names, weights):
+        if isinstance(names, str):
+            names = [names]
+        conds = [self.conds.get("negative")] + [self.conds.get(n) for n in names]
+        # One host call per stage: calc_cond_batch packs all conditions into as few UNet batches as memory allows.
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        uncond = out[0]
+        result = uncond
+        for w, pred in zip(weights, out[1:]):
+            result = result + w * (pred - uncond)
+        # Post-CFG hooks (RescaleCFG, PAG, SAG ...) see the first condition as "the" cond, like DualCFGGuider.
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            result = fn({"denoised": result, "cond": conds[1], "uncond": conds[0], "cond_scale": weights[0],
+                         "model": self.inner_model, "uncond_denoised": uncond, "cond_denoised": out[1],
+                         "sigma": timestep, "model_options": model_options, "input": x})
+        return result
+
+
+def check_conditionings(model_patcher, named: dict, latent_batch: int | None = None):
+    """Clear errors for missing, mismatched or wrongly batched conditionings, naming the input."""
+    widths = {}
+    for name, cond in named.items():
+        if cond is None:
+            raise ValueError(f"the '{name}' conditioning is missing: connect it (Likeness Prompt gives fused, concept "
+                             "and context; any text encode gives negative)")
+        if not isinstance(cond, list) or not cond or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in cond):
+            raise ValueError(f"the '{name}' input is not a CONDITIONING")
+        for tensor, _ in cond:
+            widths.setdefault(int(tensor.shape[-1]), name)
+            b = int(tensor.shape[0])
+            if latent_batch is not None and b not in (1, latent_batch):
+                raise ValueError(f"the '{name}' conditioning has batch {b} but the latent has batch {latent_batch}; "
+                                 "use batch 1 or the latent's batch")
+    if len(widths) > 1:
+        (w1, n1), (w2, n2) = list(widths.items())[:2]
+        raise ValueError(f"the '{n1}' conditioning is {w1} wide but '{n2}' is {w2} wide: encode all of them with "
+                         "the same CLIP")
+    context_dim = getattr(model_patcher.model.model_config, "unet_config", {}).get("context_dim")
+    width = next(iter(widths))
+    if context_dim is not None and width != context_dim:
+        raise ValueError(f"the conditionings are {width} wide but this model's cross-attention expects {context_dim}: "
+                         "use the CLIP that came with the checkpoint")

@@ -1,0 +1,81 @@
+"""Session fixtures: the real ComfyUI host (in-process), micro models, and the stand-in checkpoint."""
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+REPO = harness.REPO
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+_BASE = tempfile.mkdtemp(prefix="likeness_tests_")
+COMFY = harness.import_host(_BASE)
+
+
+@pytest.fixture(scope="session")
+def base_dir():
+    yield _BASE
+    shutil.rmtree(_BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack imported as a package (library code for unit tests)."""
+    import comfyui_likeness
+    return comfyui_likeness
+
+
+@pytest.fixture(scope="session")
+def checkpoint(base_dir):
+    """The stand-in SD1.5 checkpoint in the host's checkpoints folder (built once per session)."""
+    from standin_checkpoint import build_standin_checkpoint
+
+    name = "likeness_standin_sd15.safetensors"
+    path = os.path.join(base_dir, "models", "checkpoints", name)
+    if not os.path.exists(path):
+        build_standin_checkpoint(COMFY, path)
+    return name
+
+
+@pytest.fixture(scope="session")
+def input_images(base_dir):
+    """Public-domain test photos placed in the host's input folder (scikit-image ships them)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    names = {}
+    for name, arr in (("astronaut.png", data.astronaut()), ("coffee.png", data.coffee())):
+        Image.fromarray(np.asarray(arr)).save(os.path.join(base_dir, "input", name))
+        names[name] = name
+    return names
+
+
+@pytest.fixture(scope="session")
+def host(base_dir, checkpoint, input_images):
+    return harness.InProcessHost()
+
+
+@pytest.fixture(scope="session")
+def micro():
+    import micro as m
+    return {"model": m.micro_model(), "clip": m.micro_clip(), "vae": m.micro_vae()}
+
+
+@pytest.fixture(scope="session")
+def workflow_assets(base_dir, checkpoint, input_images):
+    """Every file the shipped workflows need, written into the host's folders.
+
+    Each family adds a module tests/assets_<family>.py with prepare(base_dir, comfy_dir) that writes its own
+    test-time models (random adapter files, tiny insightface packs, ...) under base_dir/models or base_dir/input.
+    """
+    import importlib
+    import glob
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "assets_*.py"))):
+        importlib.import_module(os.path.splitext(os.path.basename(path))[0]).prepare(base_dir, COMFY)
+    return base_dir

@@ -1,0 +1,92 @@
+"""Micro SD1.5-architecture models built straight from the host's classes, for fast tests (no files).
+
+UNet: 32 channels, two levels, a middle block, context 64 (about 1 M parameters); CLIP: the CLIP-L layout at
+width 64 with 2 layers and the host's real tokenizer; VAE: a TAESD-shaped autoencoder. Weights are random and
+deterministic. The host leaves weights uninitialised (disable_weight_init), so every tensor is set here.
+"""
+import json
+import os
+
+import torch
+
+CONTEXT = 64
+
+
+def _fill(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in module.state_dict().items():
+        if not v.dtype.is_floating_point:
+            state[k] = v
+        elif k.endswith("bias"):
+            state[k] = torch.zeros_like(v)
+        elif v.ndim <= 1:
+            state[k] = torch.ones_like(v)
+        else:
+            std = 0.02 if "embedding" in k else v[0].numel() ** -0.5
+            state[k] = torch.randn(v.shape, generator=g) * std
+    module.load_state_dict(state)
+
+
+def unet_config(context=CONTEXT, channels=32):
+    return {
+        "model_channels": channels, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "transformer_depth_middle": 1, "context_dim": context, "use_linear_in_transformer": False,
+        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+        "image_size": 32, "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
+    }
+
+
+def micro_model(v_prediction=False, seed=0, context=CONTEXT):
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(unet_config(context))
+    config.set_inference_dtype(torch.float32, None)
+    model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(config, model_type=model_type, device="cpu")
+    _fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def micro_clip(seed=1, width=CONTEXT, embedding_directory=None):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        config = json.load(f)
+    config.update({"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "projection_dim": width})
+
+    class MicroClipL(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options={**model_options, "model_name": "clip_l"},
+                             return_projected_pooled=False, textmodel_json_config=config)
+
+    class MicroTokenizer(comfy.sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data={**tokenizer_data, "embedding_size": width})
+
+    def clip_model(**kw):
+        return comfy.sd1_clip.SD1ClipModel(clip_model=MicroClipL, **kw)
+
+    target = comfy.supported_models_base.ClipTarget(MicroTokenizer, clip_model)
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
+    _fill(clip.cond_stage_model, seed)
+    return clip
+
+
+def micro_vae(seed=2):
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _fill(taesd, seed)
+    sd = dict(taesd.state_dict())
+    sd["vae_scale"] = torch.tensor(0.18215)
+    sd["vae_shift"] = torch.tensor(0.0)
+    return comfy.sd.VAE(sd=sd)
