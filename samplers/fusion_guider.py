@@ -14,6 +14,7 @@ import comfy.samplers
 
 STAGE_KEY = "likeness_fusion_stage"
 FUSION, REFINE = "fusion", "refine"
+MAX_GUIDANCE = 30.0
 
 # The concept is stored under "positive" so the host's cond processing treats it as the positive side
 # (ControlNets applied to the positive only are carried to the other conditions, as KSampler does).
@@ -40,6 +41,9 @@ class FusionGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds(conds)
 
     def set_weights(self, w_fusion: float, w_concept: float, w_context: float):
+        for name, w in (("w_fusion", w_fusion), ("w_concept", w_concept), ("w_context", w_context)):
+            if not 0.0 <= w <= MAX_GUIDANCE:
+                raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (got {w})")
         self.w_fusion, self.w_concept, self.w_context = float(w_fusion), float(w_concept), float(w_context)
         self.cfg = self.w_concept  # what generic host code reads as "the" CFG scale
 

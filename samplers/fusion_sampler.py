@@ -6,6 +6,7 @@ Per step at sigma -> sigma_next, inside the chosen sigma window:
 Outside the window only the refinement stage runs. With refinement off, the last fusion repeat ends in the
 ancestral down-step instead of the re-noise (Alg. 1, line 11).
 """
+import torch
 from tqdm.auto import trange
 
 import comfy.model_management
@@ -42,6 +43,7 @@ def fusion_ksampler(m=1, eta=1.0, refine=True, refine_sampler="euler", start_per
         "start_percent": start_percent, "end_percent": end_percent})
 
 
+@torch.no_grad()
 def sample_fusion(model, x, sigmas, extra_args=None, callback=None, disable=None, m=1, eta=1.0, refine=True,
                   refine_sampler="euler", start_percent=0.0, end_percent=1.0):
     """k-diffusion-style sampler function; `model` is the host's inpainting wrapper around a FusionGuider."""

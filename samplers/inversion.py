@@ -21,6 +21,7 @@ import comfy.utils
 from .sigmas import schedule_sigmas
 
 
+@torch.no_grad()
 def sample_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Sampler function over an ascending sigma grid; returns the latent at sigmas[-1]."""
     extra_args = {} if extra_args is None else extra_args
