@@ -1,6 +1,6 @@
 """Textual-inversion embedding files as concepts (safetensors only; pickled .pt/.bin files are never loaded).
 
-Layouts seen in the wild, all handled by width:
+Layouts seen in the wild, all handled by width (the prompt node checks the width against the CLIP):
   A1111 / ComfyUI      {"emb_params": (n, 768)}
   SDXL                 {"clip_l": (n, 768), "clip_g": (n, 1280)}
   diffusers            {"<token>": (768,)}  (one vector per key)
@@ -10,8 +10,6 @@ import os
 from safetensors import safe_open
 
 from .concept import TOKEN_SPACE, LikenessConcept
-
-KNOWN_WIDTHS = (768, 1024, 1280)
 
 
 def load_embedding_concept(path: str) -> LikenessConcept:
@@ -35,10 +33,6 @@ def load_embedding_concept(path: str) -> LikenessConcept:
         by_width.setdefault(int(t.shape[-1]), []).append(t)
     if not by_width:
         raise ValueError(f"'{name}' holds no embedding vectors (expected tensors of shape (n, width))")
-    unknown = [w for w in by_width if w not in KNOWN_WIDTHS]
-    if unknown:
-        raise ValueError(f"'{name}' has vectors of width {unknown[0]}, which matches no supported text encoder "
-                         f"(768 SD1.x, 1024 SD2.x, 1280 SDXL-G)")
     import torch
 
     vectors = {w: torch.cat(ts, 0) for w, ts in by_width.items()}

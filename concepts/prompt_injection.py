@@ -30,10 +30,14 @@ class _Encoder:
         if self.tokenizer is None or not hasattr(self.tokenizer, "tokenizer"):
             raise ValueError(f"Likeness Prompt supports CLIP text encoders (SD1.x, SD2.x, SDXL); this CLIP's "
                              f"'{key}' tokenizer ({type(clip.tokenizer).__name__}) is not one")
-        self.width = int(self.tokenizer.embedding_size)
         self.end = self.tokenizer.end_token
         self.pad = self.tokenizer.pad_token
-        self._clip = clip
+        self.model = getattr(clip.cond_stage_model, f"clip_{key}", None)
+        if self.model is None:
+            raise ValueError(f"Likeness Prompt found no '{key}' text encoder in this CLIP")
+        # The width of the token-embedding table, read from the encoder itself (the tokenizer's own
+        # embedding_size is only a default).
+        self.width = int(self.model.transformer.get_input_embeddings().weight.shape[-1])
 
     def ids(self, text: str) -> list[int]:
         ids = self.tokenizer.tokenizer(text)["input_ids"]
@@ -41,8 +45,7 @@ class _Encoder:
         return list(ids[start:-1] if self.end is not None else ids[start:])
 
     def position_embedding(self) -> torch.Tensor:
-        model = getattr(self._clip.cond_stage_model, f"clip_{self.key}")
-        return model.transformer.text_model.embeddings.position_embedding.weight.detach().float().cpu()
+        return self.model.transformer.text_model.embeddings.position_embedding.weight.detach().float().cpu()
 
 
 def _find(chunk, pattern):
