@@ -1,0 +1,11 @@
+PY ?= .host/venv/bin/python
+
+.PHONY: setup test bench workflows
+setup:
+	bash scripts/setup.sh
+test:
+	bash scripts/test.sh
+bench:
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+workflows:
+	$(PY) scripts/build_workflows.py
