@@ -22,17 +22,14 @@ def test_pack_registers_nodes_in_the_host(host):
 
 def test_pack_imports_without_optional_dependencies(tmp_path):
     """A fresh host process where insightface, onnxruntime, cv2 and mediapipe cannot be imported."""
-    blocker = tmp_path / "sitecustomize.py"
-    blocker.write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'insightface', 'onnxruntime', 'cv2', 'mediapipe', 'skimage', 'accelerate'}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by test)', name=name)\n"
-        "sys.meta_path.insert(0, _Block())\n")
+    # Shadow each optional package with one that fails to import, as on a machine without it.
+    blocked = tmp_path / "blocked"
+    for name in ("insightface", "onnxruntime", "cv2", "mediapipe", "skimage"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ModuleNotFoundError({name + ' is blocked by the test'!r}, name={name!r})\n")
     base = tmp_path / "base"
     harness.link_pack(str(base / "custom_nodes"))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
     cmd = [sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
            "--quick-test-for-ci"]
     p = subprocess.run(cmd, cwd=harness.comfy_dir(), env=env, capture_output=True, text=True, timeout=600)
