@@ -41,6 +41,25 @@ def checkpoint(base_dir):
     return name
 
 
+CLIP_VISION_NAME = "likeness_standin_vit_l14.safetensors"
+
+
+def ensure_clip_vision(base_dir):
+    """The stand-in ViT-L/14 CLIP vision file in models/clip_vision (0.6 GB, built once per session)."""
+    from standin_clip_vision import build_standin_clip_vision
+
+    path = os.path.join(base_dir, "models", "clip_vision", CLIP_VISION_NAME)
+    if not os.path.exists(path):
+        build_standin_clip_vision(COMFY, path)
+    return CLIP_VISION_NAME
+
+
+@pytest.fixture(scope="session")
+def clip_vision(base_dir):
+    """Name of the stand-in CLIP vision file that the host's CLIPVisionLoader accepts."""
+    return ensure_clip_vision(base_dir)
+
+
 @pytest.fixture(scope="session")
 def input_images(base_dir):
     """Public-domain test photos placed in the host's input folder (scikit-image ships them)."""

@@ -90,3 +90,23 @@ def micro_vae(seed=2):
     sd["vae_scale"] = torch.tensor(0.18215)
     sd["vae_shift"] = torch.tensor(0.0)
     return comfy.sd.VAE(sd=sd)
+
+
+def micro_clip_vision(width=32, layers=24, image_size=224, patch=14, projection=16, tmp_dir=None):
+    """A ClipVisionModel of the host with the ViT-L/14 layout but a tiny width (24 layers, 257 tokens at 224),
+    so layer-index logic (PhotoVerse's layers 24, 4, 8, 12, 16) is exercised. The host wants a JSON path."""
+    import tempfile
+
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": width,
+              "image_size": image_size, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": 4 * width, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+              "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": layers, "patch_size": patch,
+              "projection_dim": projection, "torch_dtype": "float32"}
+    path = os.path.join(tmp_dir or tempfile.mkdtemp(prefix="micro_clip_vision_"), "config.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    cv = comfy.clip_vision.ClipVisionModel(path)
+    _fill(cv.model, 5)
+    return cv
