@@ -12,6 +12,8 @@ import math
 
 import comfy.samplers
 
+from ..attention.dispatcher import UNCOND_INDICES_KEY
+
 STAGE_KEY = "likeness_fusion_stage"
 FUSION, REFINE = "fusion", "refine"
 MAX_GUIDANCE = 30.0
@@ -61,6 +63,10 @@ class FusionGuider(comfy.samplers.CFGGuider):
         if isinstance(names, str):
             names = [names]
         conds = [self.conds.get("negative")] + [self.conds.get(n) for n in names]
+        # The negative is index 0 of this cond list (CFGGuider's is [positive, negative]): tell attention
+        # patches that route by cond/uncond (attention/dispatcher.py) which rows are unconditional.
+        model_options = {**model_options, "transformer_options": {
+            **model_options.get("transformer_options", {}), UNCOND_INDICES_KEY: frozenset({0})}}
         # One host call per stage: calc_cond_batch packs all conditions into as few UNet batches as memory allows.
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         uncond = out[0]

@@ -212,7 +212,12 @@ def test_controlnet_conditioning_is_used_and_matches_host(lib, model, c):
 def test_each_stage_is_one_batched_model_call(lib, model, c):
     calls = []
 
+    from comfyui_likeness.attention.dispatcher import UNCOND_INDICES_KEY
+
     def wrapper(apply_model, args):
+        # the negative is index 0 of the guider's cond lists; attention patches are told so
+        assert args["c"]["transformer_options"][UNCOND_INDICES_KEY] == {0}
+        assert 0 in args["cond_or_uncond"]
         calls.append((args["input"].shape[0], tuple(args["cond_or_uncond"])))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
