@@ -8,6 +8,8 @@ concept can serve SDXL's two encoders. `space` says where vectors enter the text
              paper's code writes over the embedded prompt); injected as S* - pos_emb because the host adds
              position embeddings after injection (methods.md D.2).
 `source` records where it came from (a file name, an adapter hash) so later stages can check compatibility.
+`dynamic`, when set, recomputes the vectors from the current latent at every model evaluation (ProFusion's
+PromptNet: S* follows x_t); `vectors` then hold a static approximation for samplers that cannot follow it.
 """
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ class LikenessConcept:
     space: str = TOKEN_SPACE
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    dynamic: object | None = None
 
     def __post_init__(self):
         if self.space not in (TOKEN_SPACE, HIDDEN_SPACE):

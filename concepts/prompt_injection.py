@@ -132,7 +132,7 @@ def _count(entry):
     return data.reshape(-1, data.shape[-1]).shape[0]
 
 
-def _concept_entries(concept: LikenessConcept):
+def _concept_entries(concept: LikenessConcept, record=None):
     def make(enc: _Encoder, pos: int, weight: float):
         if concept.text is not None:
             return [(i, weight, 0) for i in enc.ids(concept.text)]
@@ -142,7 +142,10 @@ def _concept_entries(concept: LikenessConcept):
             if pos + vec.shape[0] > pe.shape[0]:
                 raise ValueError("the concept falls past the text encoder's last position; move the placeholder earlier")
             vec = vec - pe[pos:pos + vec.shape[0]]
-        return [({"type": "embedding", "data": vec}, weight, 0)]
+        entry = {"type": "embedding", "data": vec}
+        if record is not None:
+            record.append((enc, entry, pos))
+        return [(entry, weight, 0)]
     return make
 
 
@@ -167,6 +170,41 @@ def _scale_rows(conditioning, slots, gamma, chunk_len):
     return out
 
 
+class DynamicPrompt:
+    """Re-encodes the prompt with new concept vectors (one set per batch row) inside the sampling loop.
+
+    Kept in the conditioning under DYNAMIC_KEY; the Fusion Guider calls it at every model evaluation.
+    """
+
+    def __init__(self, clip, tokens, entries, slots, gamma, chunk_len, concept: LikenessConcept):
+        self.clip, self.tokens, self.entries, self.slots = clip, tokens, entries, slots
+        self.gamma, self.chunk_len, self.concept = gamma, chunk_len, concept
+
+    def models(self):
+        return [self.clip.patcher] + list(getattr(self.concept.dynamic, "models", lambda: [])())
+
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vectors: (B, n, width) -> conditioning tensor (B, tokens, context width)."""
+        rows = []
+        for b in range(vectors.shape[0]):
+            for enc, entry, pos in self.entries:
+                vec = vectors[b].float().cpu()
+                if self.concept.space == HIDDEN_SPACE:
+                    vec = vec - enc.position_embedding()[pos:pos + vec.shape[0]]
+                entry["data"] = vec
+            cond = self.clip.encode_from_tokens(self.tokens)
+            if self.gamma != 1.0:
+                cond = _scale_rows([[cond, {}]], self.slots, self.gamma, self.chunk_len)[0][0]
+            rows.append(cond)
+        return torch.cat(rows)
+
+    def __deepcopy__(self, memo):
+        return self  # holds models; conditionings are copied often
+
+
+DYNAMIC_KEY = "likeness_dynamic_concept"
+
+
 def encode_likeness_prompt(clip, text: str, concept: LikenessConcept, placeholder: str, class_word: str,
                            gamma: float):
     """Returns (fused, concept, context) CONDITIONING lists."""
@@ -181,9 +219,19 @@ def encode_likeness_prompt(clip, text: str, concept: LikenessConcept, placeholde
     tokens = clip.tokenize(text)
     encoders = [_Encoder(clip, k) for k in tokens]
     chunk_len = len(next(iter(tokens.values()))[0])
-    with_concept, slots = _substitute(tokens, encoders, placeholder.strip(), _concept_entries(concept), "concept")
+    entries = []
+    with_concept, slots = _substitute(tokens, encoders, placeholder.strip(), _concept_entries(concept, entries), "concept")
     with_class, _ = _substitute(tokens, encoders, placeholder.strip(), _word_entries(class_word), "concept")
     concept_cond = _encode(clip, with_concept)
     fused = concept_cond if gamma == 1.0 else _scale_rows(concept_cond, slots, gamma, chunk_len)
     context = _encode(clip, with_class)
+    if concept.dynamic is not None:
+        if concept.text is not None:
+            raise ValueError("a dynamic concept must carry vectors")
+        concept_cond = _attach(concept_cond, DynamicPrompt(clip, with_concept, entries, slots, 1.0, chunk_len, concept))
+        fused = _attach(fused, DynamicPrompt(clip, with_concept, entries, slots, gamma, chunk_len, concept))
     return fused, concept_cond, context
+
+
+def _attach(conditioning, dynamic):
+    return [[t, {**d, DYNAMIC_KEY: dynamic}] for t, d in conditioning]

@@ -10,9 +10,11 @@ The Fusion Sampler asks for the fusion rule through a key in model_options, so t
 """
 import math
 
+import comfy.conds
 import comfy.samplers
 
 from ..attention.dispatcher import UNCOND_INDICES_KEY
+from ..concepts.prompt_injection import DYNAMIC_KEY
 
 STAGE_KEY = "likeness_fusion_stage"
 FUSION, REFINE = "fusion", "refine"
@@ -33,6 +35,10 @@ def _carry_over(source, target, keys=("control", "gligen")):
     return [[t, {**extra, **d}] for t, d in target]
 
 
+def dynamic_prompts(*conditionings):
+    return [d[DYNAMIC_KEY] for cond in conditionings if cond for _, d in cond if DYNAMIC_KEY in d]
+
+
 class FusionGuider(comfy.samplers.CFGGuider):
     def set_fusion_conds(self, negative, fused, concept, context):
         fused = _carry_over(concept, fused)
@@ -41,6 +47,20 @@ class FusionGuider(comfy.samplers.CFGGuider):
         if context is not None:
             conds["context"] = context
         self.inner_set_conds(conds)
+        dynamic = dynamic_prompts(negative, fused, concept, context)
+        for d in dynamic:
+            check = getattr(d.concept.dynamic, "check_model", None)
+            if check is not None:
+                check(self.model_patcher)
+        if dynamic:
+            # PromptNet and the text encoder run inside the loop: load them with the UNet (on a clone, so the
+            # upstream MODEL is not changed).
+            models = []
+            for d in dynamic:
+                models += [m for m in d.models() if m not in models]
+            self.model_patcher = self.model_patcher.clone()
+            self.model_patcher.set_additional_models("likeness_dynamic_concepts", models)
+            self.model_options = self.model_patcher.model_options
 
     def set_weights(self, w_fusion: float, w_concept: float, w_context: float):
         for name, w in (("w_fusion", w_fusion), ("w_concept", w_concept), ("w_context", w_context)):
@@ -59,10 +79,27 @@ class FusionGuider(comfy.samplers.CFGGuider):
             weights.append(self.w_context)
         return self._guided(x, timestep, model_options, names, weights)
 
+    def _follow_latent(self, cond, x, timestep):
+        """Re-encode conditions whose concept follows the current latent (PromptNet's S*): one source call and
+        one text encoding per evaluation, as in ProFusion's pipeline."""
+        if not cond or not any(DYNAMIC_KEY in c for c in cond):
+            return cond
+        out = []
+        for c in cond:
+            dynamic = c.get(DYNAMIC_KEY)
+            if dynamic is None:
+                out.append(c)
+                continue
+            vectors = dynamic.concept.dynamic(x, timestep, self.model_patcher)
+            tensor = dynamic.encode(vectors)
+            out.append({**c, "cross_attn": tensor,
+                        "model_conds": {**c["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(tensor)}})
+        return out
+
     def _guided(self, x, timestep, model_options, names, weights):
         if isinstance(names, str):
             names = [names]
-        conds = [self.conds.get("negative")] + [self.conds.get(n) for n in names]
+        conds = [self._follow_latent(self.conds.get(n), x, timestep) for n in ["negative"] + names]
         # The negative is index 0 of this cond list (CFGGuider's is [positive, negative]): tell attention
         # patches that route by cond/uncond (attention/dispatcher.py) which rows are unconditional.
         model_options = {**model_options, "transformer_options": {

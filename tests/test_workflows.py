@@ -24,7 +24,8 @@ def _object_info():
         else:
             types = cls.INPUT_TYPES()
             info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
-                          "output": list(cls.RETURN_TYPES)}
+                          "output": list(cls.RETURN_TYPES),
+                          "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
     return json.loads(json.dumps(info, default=str))
 
 

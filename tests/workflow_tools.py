@@ -1,6 +1,7 @@
 """Helpers for running shipped workflows in tests: discovery, CPU shrinking and UI -> API reading."""
 import copy
 import glob
+import hashlib
 import importlib
 import json
 import os
@@ -76,9 +77,15 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 
 def canonical(prompt: dict) -> dict:
-    """Renumber nodes by (class_type, widget inputs) so two numberings of one graph compare equal."""
-    order = sorted(prompt, key=lambda n: (prompt[n]["class_type"], json.dumps(
-        {k: v for k, v in prompt[n]["inputs"].items() if not isinstance(v, list)}, sort_keys=True)))
+    """Renumber nodes by their content and, round by round, their inputs' labels (a Weisfeiler-Lehman refinement),
+    so two numberings of one graph compare equal even when nodes share a class and widgets."""
+    label = {n: json.dumps([v["class_type"], {k: x for k, x in v["inputs"].items() if not isinstance(x, list)}],
+                           sort_keys=True) for n, v in prompt.items()}
+    for _ in range(len(prompt)):
+        label = {n: hashlib.sha1(json.dumps([label[n], sorted((k, label[str(x[0])], x[1]) for k, x in v["inputs"].items()
+                                                               if isinstance(x, list))]).encode()).hexdigest()
+                 for n, v in prompt.items()}
+    order = sorted(prompt, key=lambda n: label[n])
     new_id = {old: str(i) for i, old in enumerate(order)}
     out = {}
     for old in order:

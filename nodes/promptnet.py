@@ -1,0 +1,87 @@
+"""ProFusion's PromptNet: load a PromptNet file and turn a reference image into a concept that follows x_t."""
+import hashlib
+import os
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..concepts.promptnet_source import PromptNetSource
+from ..folders import safetensors_files
+from ..weights.promptnet_file import check_fits, load_promptnet
+
+PromptNetType = io.Custom("LIKENESS_PROMPTNET")
+Concept = io.Custom("LIKENESS_CONCEPT")
+CATEGORY = "Likeness/profusion"
+
+
+class PromptNetModel:
+    """A loaded PromptNet: the module in its own ModelPatcher (the host loads/offloads it) and its metadata."""
+
+    def __init__(self, net, meta, name):
+        self.patcher = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
+                                                        offload_device=comfy.model_management.unet_offload_device())
+        self.meta, self.name = meta, name
+
+
+class LikenessPromptNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPromptNetLoader",
+            display_name="PromptNet Loader (ProFusion)",
+            category=CATEGORY,
+            description="Loads a PromptNet file (models/likeness, safetensors; see scripts/convert_promptnet.py).",
+            inputs=[io.Combo.Input("promptnet_name", options=safetensors_files("likeness"))],
+            outputs=[PromptNetType.Output(display_name="promptnet")],
+        )
+
+    @classmethod
+    def execute(cls, promptnet_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path("likeness", promptnet_name)
+        if path is None:
+            raise ValueError(f"'{promptnet_name}' is not in the likeness model folder ({', '.join(folder_paths.get_folder_paths('likeness'))})")
+        net, meta = load_promptnet(path)
+        return io.NodeOutput(PromptNetModel(net, meta, promptnet_name))
+
+
+class LikenessPromptNetConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPromptNetConcept",
+            display_name="PromptNet Concept (ProFusion)",
+            category=CATEGORY,
+            description=("S* from a reference image with PromptNet. With the Fusion Guider / KSampler (Fusion), S* is "
+                         "recomputed from the current noisy latent at every model evaluation, as in ProFusion; other "
+                         "samplers get S* computed once from the reference."),
+            inputs=[
+                PromptNetType.Input("promptnet"),
+                io.ClipVision.Input("clip_vision", tooltip="ProFusion used OpenCLIP ViT-H/14"),
+                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="the model you sample with (for the latent scale and the check)"),
+                io.Image.Input("image", tooltip="the reference photo (a face crop for the FFHQ PromptNet)"),
+            ],
+            outputs=[Concept.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, promptnet, clip_vision, vae, model, image) -> io.NodeOutput:
+        if not isinstance(promptnet, PromptNetModel):
+            raise ValueError("the promptnet input must come from 'PromptNet Loader (ProFusion)'")
+        if image.shape[0] != 1:
+            raise ValueError(f"PromptNet Concept takes one reference image; got a batch of {image.shape[0]}")
+        tokens = clip_vision.encode_image(image[..., :3], crop=True).last_hidden_state
+        check_fits(promptnet.meta, context_dim=model.model.model_config.unet_config.get("context_dim"),
+                   vision_width=int(tokens.shape[-1]), name=f"PromptNet '{promptnet.name}'")
+        side = 8 * int(promptnet.meta.get("latent_size", 64))
+        pixels = comfy.utils.common_upscale(image[..., :3].movedim(-1, 1), side, side, "bicubic", "center").movedim(1, -1)
+        reference = vae.encode(pixels)
+        source = PromptNetSource(promptnet.patcher, tokens.float().cpu(), reference.float().cpu(), promptnet.meta)
+        digest = hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest()[:10]
+        return io.NodeOutput(source.static_concept(model, f"promptnet:{os.path.splitext(promptnet.name)[0]}:{digest}"))
+
+
+NODES = [LikenessPromptNetLoader, LikenessPromptNetConcept]
