@@ -53,6 +53,9 @@ class EvalCounter:
         self.rows = 0
         self.calls = 0
 
+    def __deepcopy__(self, memo):
+        return self  # ModelPatcher.clone() deep-copies model_options; keep counting in one place
+
     def __call__(self, apply_model, args):
         self.rows += args["input"].shape[0]
         self.calls += 1
