@@ -1,0 +1,157 @@
+"""PhotoVerse nodes: load an adapter, encode a face into a concept, apply the adapter to a model, save/load
+concepts. The words of the concept go into the prompt through the Likeness Prompt node."""
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..attention.photoverse import MAX_SCALE, apply_photoverse
+from ..encoders.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_concept
+from ..folders import safetensors_files
+from ..weights.photoverse import load_photoverse
+from ..weights.photoverse_concept import concept_nbytes, load_photoverse_concept, save_photoverse_concept
+
+log = logging.getLogger("likeness")
+
+Adapter = io.Custom("LIKENESS_PHOTOVERSE")
+Concept = io.Custom("LIKENESS_CONCEPT")
+CATEGORY = "Likeness/photoverse"
+ADAPTER_FOLDER = "likeness"
+CONCEPT_FOLDER = "likeness_concepts"
+
+
+def _full_path(folder, name, what):
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ValueError(f"{what}: '{name}' is not in {', '.join(folder_paths.get_folder_paths(folder))}")
+    return path
+
+
+class LikenessPhotoVerseLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPhotoVerseLoader",
+            display_name="Load PhotoVerse Adapter (Likeness)",
+            category=CATEGORY,
+            description=("Loads a PhotoVerse adapter (models/likeness, safetensors): text and image adapters, LoRA "
+                         "and visual K/V of every cross-attention block. No official weights exist; train one with "
+                         "the pack's trainer."),
+            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
+            outputs=[Adapter.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        return io.NodeOutput(load_photoverse(_full_path(ADAPTER_FOLDER, adapter_name, "adapter_name")))
+
+
+class LikenessPhotoVerseEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPhotoVerseEncode",
+            display_name="PhotoVerse Encode (Likeness)",
+            category=CATEGORY,
+            description=("Turns one face photo into a concept: pseudo-words S1..Sm for the prompt (Likeness Prompt) "
+                         "and visual tokens for PhotoVerse Apply. Give it the face crop (Face Crop, size 224) and its "
+                         "face mask; several images are averaged."),
+            inputs=[
+                Adapter.Input("adapter"),
+                io.ClipVision.Input("clip_vision", tooltip="the CLIP vision the adapter was trained with (ViT-L/14 for SD1.5)"),
+                io.Image.Input("image", tooltip="the face crop (Face Crop node: image)"),
+                io.Int.Input("words", default=1, min=1, max=5,
+                             tooltip="m: pseudo-words kept in the prompt (paper: 1 at inference, 5 in training)"),
+                io.Combo.Input("visual_tokens", options=list(VISUAL_TOKEN_MODES), default="all",
+                               tooltip="visual tokens for the visual branch: all (one per CLIP layer) or the first"),
+                io.Mask.Input("mask", optional=True, tooltip="face mask of the crop (Face Crop: mask); non-face pixels are zeroed"),
+            ],
+            outputs=[Concept.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, adapter, clip_vision, image, words, visual_tokens, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(encode_photoverse_concept(adapter, clip_vision, image, mask, words, visual_tokens))
+
+
+class LikenessPhotoVerseApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPhotoVerseApply",
+            display_name="PhotoVerse Apply (Likeness)",
+            category=CATEGORY,
+            description=("Adds PhotoVerse to a model: LoRA on every cross-attention's to_q/to_k/to_v (strength "
+                         "alpha) and the visual branch, fused as O = text_scale * text + visual_scale * visual. Put "
+                         "the same concept into the prompt with Likeness Prompt."),
+            inputs=[
+                io.Model.Input("model"),
+                Adapter.Input("adapter"),
+                Concept.Input("concept", tooltip="from PhotoVerse Encode or Load PhotoVerse Concept (same adapter)"),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,
+                               tooltip="alpha: scale of the LoRA deltas (paper: 1; 0 = off)"),
+                io.Float.Input("text_scale", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,
+                               tooltip="gamma_T: scale of the text cross-attention (paper: 1)"),
+                io.Float.Input("visual_scale", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,
+                               tooltip="sigma_V: scale of the visual cross-attention (paper: 1; 0 = text branch only)"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="the fused attention starts here (the LoRA is on throughout)"),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("attn_mask", optional=True, tooltip="where in the image the identity is injected"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, concept, lora_strength, text_scale, visual_scale, start_percent, end_percent,
+                attn_mask=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_photoverse(model, adapter, concept, lora_strength, text_scale, visual_scale,
+                                              start_percent, end_percent, attn_mask))
+
+
+class LikenessPhotoVerseConceptSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPhotoVerseConceptSave",
+            display_name="Save PhotoVerse Concept (Likeness)",
+            category=CATEGORY,
+            description="Writes a PhotoVerse concept to models/likeness/concepts (safetensors), to reuse the identity.",
+            is_output_node=True,
+            inputs=[Concept.Input("concept"), io.String.Input("filename_prefix", default="photoverse/face")],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, concept, filename_prefix) -> io.NodeOutput:
+        root = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
+        os.makedirs(root, exist_ok=True)
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
+        save_photoverse_concept(path, concept)
+        rel = os.path.relpath(path, root)
+        log.info("Likeness: saved the PhotoVerse concept to %s", path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({concept_nbytes(concept) / 1024:.1f} KiB)"))
+
+
+class LikenessPhotoVerseConceptLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessPhotoVerseConceptLoad",
+            display_name="Load PhotoVerse Concept (Likeness)",
+            category=CATEGORY,
+            description="Reads a concept saved by Save PhotoVerse Concept (models/likeness/concepts).",
+            inputs=[io.Combo.Input("concept_name", options=safetensors_files(CONCEPT_FOLDER))],
+            outputs=[Concept.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, concept_name) -> io.NodeOutput:
+        return io.NodeOutput(load_photoverse_concept(_full_path(CONCEPT_FOLDER, concept_name, "concept_name")))
+
+
+NODES = [LikenessPhotoVerseLoader, LikenessPhotoVerseEncode, LikenessPhotoVerseApply, LikenessPhotoVerseConceptSave,
+         LikenessPhotoVerseConceptLoad]
