@@ -1,18 +1,15 @@
 """Load, validate and save the pack's weight and feature files: safetensors only, never pickle.
 
 Every file the pack writes carries metadata: "likeness_format" (what the file is), "likeness_format_version" and
-method-specific fields; non-string values are stored as JSON. Reading checks, in this order, that the file exists,
+method-specific fields; dicts and lists are stored as JSON, other scalars as strings. Reading checks, in this order, that the file exists,
 is a complete safetensors file, is the expected kind of Likeness file and version, and (check_tensors) that its
 keys and shapes are what the reader expects. Every failure is a WeightFileError whose message names the file
 and says what is wrong in plain words.
 """
 import json
-import logging
 import os
 
 import torch
-
-log = logging.getLogger("likeness")
 
 FORMAT_KEY = "likeness_format"
 VERSION_KEY = "likeness_format_version"
