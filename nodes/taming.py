@@ -1,0 +1,176 @@
+"""Taming Encoder nodes: encode the masked subject with CLIP vision, load the adapter, apply the added
+cross-attention, save/load object embeddings."""
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..attention.taming import COMBINES, UNCOND_MODES, apply_taming_encoder
+from ..encoders.taming_object import BACKGROUNDS, CROPS, encode_object
+from ..folders import safetensors_files
+from ..weights.taming_embeds_file import load_object_embeds, save_object_embeds
+from ..weights.taming_file import load_taming
+
+log = logging.getLogger("likeness")
+
+ObjectEmbeds = io.Custom("LIKENESS_OBJECT_EMBEDS")
+TamingAdapter = io.Custom("LIKENESS_TAMING")
+CATEGORY = "Likeness/taming"
+ADAPTER_FOLDER = "likeness"
+EMBEDS_FOLDER = "likeness_concepts"
+
+
+def _full_path(folder: str, name: str, what: str) -> str:
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ValueError(f"{what}: '{name}' is not in {', '.join(folder_paths.get_folder_paths(folder))}")
+    return path
+
+
+class LikenessTamingEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessTamingEncode",
+            display_name="Taming Encode (Likeness)",
+            category=CATEGORY,
+            description=("The Taming Encoder's object embedding: the frozen CLIP vision model on the subject with its "
+                         "background removed (x * mask). Works for objects, pets and faces. Several images of one "
+                         "subject give one embedding per image (Apply averages or concatenates them)."),
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="the CLIP vision model the adapter was trained with"),
+                io.Image.Input("image", tooltip="photo(s) of the subject"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="white = subject (mask editor, Face Crop's mask, a segmenter); without it the "
+                                      "whole image is encoded"),
+                io.Combo.Input("background", options=list(BACKGROUNDS), default="black",
+                               tooltip="colour that replaces the background (the paper removes it)"),
+                io.Combo.Input("crop", options=list(CROPS), default=CROPS[0],
+                               tooltip="subject box: a square around the mask; pad to square: the whole image "
+                                       "letterboxed; center: the centred square"),
+                io.Float.Input("margin", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="space around the subject box, as a fraction of its side"),
+            ],
+            outputs=[ObjectEmbeds.Output(display_name="object_embeds"),
+                     io.Image.Output(display_name="subject", tooltip="what the CLIP vision model saw")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, image, background, crop, margin, mask=None) -> io.NodeOutput:
+        embedding = encode_object(clip_vision, image, mask, background, crop, margin)
+        return io.NodeOutput(embedding, embedding.subject)
+
+
+class LikenessTamingLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessTamingLoader",
+            display_name="Load Taming Encoder (Likeness)",
+            category=CATEGORY,
+            description=("Loads Taming Encoder weights (projection, added K/V and gates, null embedding) from "
+                         "models/likeness (safetensors). No trained weights are published: train them with the "
+                         "pack's trainer."),
+            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
+            outputs=[TamingAdapter.Output(display_name="taming")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        return io.NodeOutput(load_taming(_full_path(ADAPTER_FOLDER, adapter_name, "adapter_name")))
+
+
+class LikenessTamingApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessTamingApply",
+            display_name="Taming Encoder Apply (Likeness)",
+            category=CATEGORY,
+            description=("Adds the Taming Encoder's cross-attention to the subject's tokens in every attn2 block: "
+                         "out = text attention + weight * tanh(gate) * Attn(Q, K_o, V_o). The unconditional pass "
+                         "attends to the learned null embedding, as in training. Stacks with other Likeness "
+                         "adapters and with other packs' attention patches."),
+            inputs=[
+                io.Model.Input("model"),
+                TamingAdapter.Input("taming"),
+                ObjectEmbeds.Input("object_embeds"),
+                io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.01,
+                               tooltip="scale of the added attention (0 = the model unchanged)"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Combo.Input("uncond", options=list(UNCOND_MODES), default="null embedding",
+                               tooltip="what the negative pass attends to: the learned null embedding (the paper's "
+                                       "training), or nothing (the adapter is off for that pass)"),
+                io.Combo.Input("combine", options=list(COMBINES), default="average",
+                               tooltip="several subject images: average their tokens, or attend to all of them"),
+                io.Mask.Input("attn_mask", optional=True, tooltip="where in the image the subject is injected"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, taming, object_embeds, weight, start_percent, end_percent, uncond, combine,
+                attn_mask=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_taming_encoder(model, taming, object_embeds, weight, start_percent, end_percent,
+                                                  attn_mask, uncond, combine))
+
+
+class LikenessObjectEmbedsSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessObjectEmbedsSave",
+            display_name="Save Object Embeds (Likeness)",
+            category=CATEGORY,
+            description="Writes a Taming Encoder object embedding to models/likeness/concepts as safetensors.",
+            is_output_node=True,
+            inputs=[ObjectEmbeds.Input("object_embeds"),
+                    io.String.Input("filename_prefix", default="taming/subject")],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, object_embeds, filename_prefix) -> io.NodeOutput:
+        from ..encoders.taming_object import ObjectEmbedding
+
+        if not isinstance(object_embeds, ObjectEmbedding):
+            raise ValueError("object_embeds must come from Taming Encode or Load Object Embeds (Likeness)")
+        root = folder_paths.get_folder_paths(EMBEDS_FOLDER)[0]
+        os.makedirs(root, exist_ok=True)
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{filename}_{counter:05}.safetensors")
+        save_object_embeds(path, object_embeds)
+        rel = os.path.relpath(path, root)
+        log.info("Likeness: saved the object embedding to %s", path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({object_embeds.describe()})"))
+
+
+class LikenessObjectEmbedsLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessObjectEmbedsLoad",
+            display_name="Load Object Embeds (Likeness)",
+            category=CATEGORY,
+            description="Reads an object embedding saved by Save Object Embeds (models/likeness/concepts).",
+            inputs=[io.Combo.Input("embeds_name", options=safetensors_files(EMBEDS_FOLDER))],
+            outputs=[ObjectEmbeds.Output(display_name="object_embeds"),
+                     io.Image.Output(display_name="subject", tooltip="what the CLIP vision model saw")],
+        )
+
+    @classmethod
+    def execute(cls, embeds_name) -> io.NodeOutput:
+        import torch
+
+        embedding = load_object_embeds(_full_path(EMBEDS_FOLDER, embeds_name, "embeds_name"))
+        subject = embedding.subject
+        if subject is None:
+            subject = torch.zeros(embedding.images, 64, 64, 3)
+        return io.NodeOutput(embedding, subject)
+
+
+NODES = [LikenessTamingEncode, LikenessTamingLoader, LikenessTamingApply, LikenessObjectEmbedsSave,
+         LikenessObjectEmbedsLoad]
