@@ -4,4 +4,6 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOST=${LIKENESS_HOST:-$REPO/.host}
 cd "$REPO"
+# One torch thread: the suite is many small operations, which two threads slow down badly on a shared machine.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$HOST/venv/bin/python" -m pytest -q "$@" tests
