@@ -18,18 +18,13 @@ def main():
     import nodes
     from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
     from comfyui_likeness.concepts.promptnet_source import PromptNetSource
-    from comfyui_likeness.encoders.promptnet import PromptNet
     from comfyui_likeness.nodes.fusion import ksampler_fusion
     from comfyui_likeness.samplers.sigmas import schedule_sigmas
-    from fixtures_promptnet import STANDIN_UNET
+    from fixtures_promptnet import STANDIN_UNET, random_standin_promptnet
 
     model, clip, _ = standin_checkpoint(comfy_dir, base)
-    net = PromptNet(STANDIN_UNET, vision_width=1024, prompt_width=768, latent_size=8, region_channels=32)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            v.copy_(torch.zeros_like(v) if k.endswith("bias") else torch.ones_like(v) if v.ndim <= 1
-                    else torch.randn(v.shape, generator=g) * v[0].numel() ** -0.5 * 0.1)
+    net = random_standin_promptnet()
+    g = torch.Generator().manual_seed(1)
     patcher = comfy.model_patcher.ModelPatcher(net.eval(), load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     source = PromptNetSource(patcher, torch.randn(1, 257, 1024, generator=g), torch.randn(1, 4, 16, 16, generator=g),

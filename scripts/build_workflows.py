@@ -17,21 +17,13 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 def object_info_in_process() -> dict:
     import harness
+    from workflow_convert import object_info
 
     harness.import_host(tempfile.mkdtemp(prefix="likeness_build_"))
     harness.InProcessHost()
     import nodes
 
-    info = {}
-    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            info[name] = cls.GET_NODE_INFO_V1()
-        else:
-            types = cls.INPUT_TYPES()
-            info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
-                          "output": list(cls.RETURN_TYPES),
-                          "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
-    return json.loads(json.dumps(info, default=str))
+    return object_info(nodes.NODE_CLASS_MAPPINGS)
 
 
 def ui_path(api_path: str) -> str:

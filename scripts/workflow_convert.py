@@ -5,7 +5,23 @@ generated from it, so the two cannot drift. Node definitions come from /object_i
 in-process): for each input, whether it is a widget (INT, FLOAT, STRING, BOOLEAN, COMBO / list) or a socket,
 and the widget order the frontend expects in widgets_values.
 """
+import json
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def object_info(node_class_mappings: dict) -> dict:
+    """What /object_info serves, built from the host's loaded node classes (V3 and V1)."""
+    info = {}
+    for name, cls in node_class_mappings.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            info[name] = cls.GET_NODE_INFO_V1()
+        else:
+            types = cls.INPUT_TYPES()
+            info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
+                          "output": list(cls.RETURN_TYPES),
+                          "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
+    return json.loads(json.dumps(info, default=str))
 
 
 def is_widget(spec) -> bool:

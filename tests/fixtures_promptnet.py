@@ -13,6 +13,20 @@ STANDIN_UNET = {"model_channels": 320, "in_channels": 4, "out_channels": 4, "num
                 "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False, "num_heads": 8,
                 "num_head_channels": -1}
 
+def random_standin_promptnet(seed=0):
+    """A PromptNet with random weights on the stand-in checkpoint's layout (latent_size 8 keeps the one-level
+    stand-in's head small: its grid is the whole latent)."""
+    from comfyui_likeness.encoders.promptnet import PromptNet
+
+    net = PromptNet(STANDIN_UNET, vision_width=1024, prompt_width=768, latent_size=8, region_channels=32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            v.copy_(torch.zeros_like(v) if k.endswith("bias") else torch.ones_like(v) if v.ndim <= 1
+                    else torch.randn(v.shape, generator=g) * v[0].numel() ** -0.5 * 0.1)
+    return net.eval()
+
+
 DIFFUSERS_CONFIG = {"block_out_channels": [32, 64], "layers_per_block": 1,
                     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
                     "cross_attention_dim": 64, "attention_head_dim": 8, "use_linear_projection": False,

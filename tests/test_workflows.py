@@ -16,17 +16,9 @@ IDS = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS]
 
 def _object_info():
     import nodes
+    from workflow_convert import object_info
 
-    info = {}
-    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            info[name] = cls.GET_NODE_INFO_V1()
-        else:
-            types = cls.INPUT_TYPES()
-            info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
-                          "output": list(cls.RETURN_TYPES),
-                          "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
-    return json.loads(json.dumps(info, default=str))
+    return object_info(nodes.NODE_CLASS_MAPPINGS)
 
 
 def test_workflows_are_shipped():
