@@ -54,7 +54,8 @@ mkdir -p "$COMFY/user" "$COMFY/custom_nodes"
 grep -q "0.3.75" "$COMFY/comfyui_version.py" 2>/dev/null || log "note: ComfyUI at $COMFY is not 0.3.75; tests target 0.3.75"
 
 STAMP="$HOST/.deps-installed"
-if [ ! -f "$STAMP" ] || [ "$STAMP" -ot "$REPO/scripts/setup_host.sh" ] || [ "$STAMP" -ot "$REPO/requirements.txt" ]; then
+if [ ! -f "$STAMP" ] || [ "$STAMP" -ot "$REPO/scripts/setup_host.sh" ] || [ "$STAMP" -ot "$REPO/requirements.txt" ] \
+   || [ "$STAMP" -ot "$REPO/requirements-test.txt" ]; then
   CONSTRAINTS="$HOST/constraints.txt"
   if [ "${LIKENESS_GPU:-0}" = 1 ]; then
     printf 'setuptools>=77.0.3,<81\n' > "$CONSTRAINTS"

@@ -24,7 +24,7 @@ def test_pack_imports_without_optional_dependencies(tmp_path):
     """A fresh host process where insightface, onnxruntime, cv2 and mediapipe cannot be imported."""
     # Shadow each optional package with one that fails to import, as on a machine without it.
     blocked = tmp_path / "blocked"
-    for name in ("insightface", "onnxruntime", "cv2", "mediapipe", "skimage"):
+    for name in ("insightface", "onnxruntime", "cv2", "mediapipe", "skimage", "accelerate"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ModuleNotFoundError({name + ' is blocked by the test'!r}, name={name!r})\n")
     base = tmp_path / "base"

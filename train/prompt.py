@@ -1,0 +1,95 @@
+"""Prompts for training: a template with learned vectors at its placeholder, and fixed captions.
+
+TrainablePrompt goes through exactly the inference path (concepts/prompt_injection.py): the Likeness Prompt's
+token substitution and its DynamicPrompt, which re-encodes the prompt with new vectors per batch row. The host's
+text encoder takes injected embeddings as they are, so gradients reach the vectors (ProFusion's S*, PhotoVerse's
+words) while the encoder itself stays frozen; only its in-place residual additions have to run out of place
+while gradients are taken (differentiable_text_encoder).
+"""
+import contextlib
+import types
+
+import torch
+
+from ..concepts.concept import HIDDEN_SPACE, TOKEN_SPACE, LikenessConcept
+from ..concepts.prompt_injection import DYNAMIC_KEY, encode_likeness_prompt
+
+
+def _residual_forward(self, x, mask=None, optimized_attention=None):
+    """comfy.clip_model.CLIPLayer.forward with out-of-place residual additions (the host's `x += ...` would
+    overwrite activations autograd still needs)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+@contextlib.contextmanager
+def differentiable_text_encoder(clip):
+    """For the duration, every CLIPLayer of the CLIP's text encoders runs the out-of-place forward above (an
+    instance attribute, removed afterwards); the weights and results are the host's."""
+    from comfy.clip_model import CLIPLayer
+
+    layers = [m for m in clip.cond_stage_model.modules() if isinstance(m, CLIPLayer) and "forward" not in m.__dict__]
+    for layer in layers:
+        layer.forward = types.MethodType(_residual_forward, layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+class _Learned:
+    """Marks a concept as recomputed by the caller (the trainer hands the vectors to encode())."""
+
+    def models(self):
+        return []
+
+
+class TrainablePrompt:
+    def __init__(self, clip, template: str = "a photo of holder", placeholder: str = "holder", width: int | None = None,
+                 vectors: int = 1, space: str = HIDDEN_SPACE):
+        if space not in (HIDDEN_SPACE, TOKEN_SPACE):
+            raise ValueError(f"space must be '{HIDDEN_SPACE}' or '{TOKEN_SPACE}'")
+        width = width or _text_width(clip)
+        concept = LikenessConcept(vectors={width: torch.zeros(vectors, width)}, space=space, source="training",
+                                  dynamic=_Learned())
+        with torch.no_grad():
+            _, concept_cond, _ = encode_likeness_prompt(clip, template, concept, placeholder, "person", 1.0)
+        self.dynamic = concept_cond[0][1][DYNAMIC_KEY]
+        self.template, self.placeholder, self.width, self.vectors, self.space = template, placeholder, width, vectors, space
+
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vectors (B, n, width) -> conditioning (B, tokens, context) with gradients to the vectors."""
+        if vectors.ndim != 3 or vectors.shape[1:] != (self.vectors, self.width):
+            raise ValueError(f"the prompt takes ({self.vectors}, {self.width}) vectors per sample, got {tuple(vectors.shape)}")
+        with differentiable_text_encoder(self.dynamic.clip):
+            return self.dynamic.encode(vectors)
+
+
+def _text_width(clip) -> int:
+    tokens = clip.tokenize("a")
+    key = next(iter(tokens))
+    model = getattr(clip.cond_stage_model, f"clip_{key}")
+    return int(model.transformer.get_input_embeddings().weight.shape[-1])
+
+
+class CaptionEncoder:
+    """Fixed (no-gradient) conditionings of captions, cached by text, cut to one 77-token chunk so a batch of
+    different captions stacks."""
+
+    def __init__(self, clip, max_cache: int = 4096):
+        self.clip, self.cache, self.max_cache = clip, {}, max_cache
+
+    def __call__(self, texts) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            cond = self.cache.get(text)
+            if cond is None:
+                with torch.no_grad():
+                    cond = self.clip.encode_from_tokens(self.clip.tokenize(text)).float().cpu()
+                chunk = len(next(iter(self.clip.tokenize("").values()))[0])
+                cond = cond[:, :chunk]
+                if len(self.cache) < self.max_cache:
+                    self.cache[text] = cond
+            rows.append(cond)
+        return torch.cat(rows)
