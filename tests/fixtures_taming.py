@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import micro as m
+from fixtures_inv_adapter import Spy  # noqa: F401  (shared with the Inv-Adapter tests)
+from fixtures_photoverse import manual_attention  # noqa: F401  (shared with the PhotoVerse tests)
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +69,6 @@ def layer_norm(x, w, b, eps=1e-5):
     return (x - mu) / torch.sqrt(var + eps) * w + b
 
 
-def manual_attention(q, k, v, heads):
-    """softmax(Q K^T / sqrt(d_head)) V per head, written out; k, v of batch 1 are broadcast."""
-    b, t, inner = q.shape
-    d = inner // heads
-    k, v = k.expand(b, -1, -1), v.expand(b, -1, -1)
-    qh = q.reshape(b, t, heads, d).transpose(1, 2).double()
-    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).double()
-    vh = v.reshape(b, v.shape[1], heads, d).transpose(1, 2).double()
-    w = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (w @ vh).transpose(1, 2).reshape(b, t, inner)
 
 
 def manual_projection(state: dict, spec, features):
@@ -103,25 +95,6 @@ def manual_projection(state: dict, spec, features):
     return layer_norm(y, s["projection.norm_out.weight"], s["projection.norm_out.bias"])
 
 
-class Spy:
-    """Wraps a replace patch and records q, k, v, extra_options and its output."""
-
-    def __init__(self, inner, log):
-        self.inner, self.log = inner, log
-
-    def __call__(self, q, k, v, extra_options):
-        out = self.inner(q, k, v, extra_options)
-        self.log.append({"q": q, "k": k, "v": v, "eo": dict(extra_options), "out": out})
-        return out
-
-    def models(self):
-        return self.inner.models()
-
-    def to(self, x):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def spy_on(lib, model, site="attn2"):
