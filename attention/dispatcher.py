@@ -1,4 +1,4 @@
-"""One stackable replace patch per attention site (design.md section 3).
+"""One stackable replace patch per attention site (docs/architecture.md).
 
 The host keeps one replace patch per (attn1|attn2, block key): the last writer wins. This pack instead puts one
 AttentionDispatcher on each site it touches. A dispatcher holds an ordered tuple of Contributions; each has its
@@ -22,13 +22,12 @@ import math
 
 import torch
 
+from ..core.keys import UNCOND_INDICES_KEY
+
 log = logging.getLogger("likeness")
 
 SITES = ("attn1", "attn2")
 INPUTS_KEY = "likeness_attention_inputs"
-# A guider whose conds are not CFGGuider's [positive, negative] may publish which cond_or_uncond indices are
-# unconditional under this key of transformer_options (for example {0} when the negative comes first).
-UNCOND_INDICES_KEY = "likeness_uncond_indices"
 CFG_UNCOND_INDICES = frozenset({1})
 APPLY_TO = ("all", "cond", "uncond")
 

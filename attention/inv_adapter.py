@@ -1,4 +1,4 @@
-"""Inv-Adapter (Xing et al. 2024; methods.md B): extraction of the reference branch and the EAA processors.
+"""Inv-Adapter (Xing et al. 2024; docs/methods/inv-adapter.md): extraction of the reference branch and the EAA processors.
 
 Self side (eq. 2-3):   O_s' = O_s + sigma_I * softmax(Q_s K_s^T / sqrt(d)) V_s,  K_s = F_s^p W'_k, V_s = F_s^p W'_v
 Cross side (eq. 4-5):  O_c' = O_c + sigma_I * softmax(Q_c K_c^T / sqrt(d)) V_c,  K_c = agg(F_c^p) W'_k^c, ...
@@ -13,8 +13,9 @@ import torch
 from ..samplers.inversion import ddim_invert_trajectory
 from ..samplers.sigmas import percent_sigma_window
 from .dispatcher import Contribution, add_contribution
-from .layout import attention_layout, model_fingerprint, transformer_block
-from .reference_features import FeatureCapture, InvFeatures, ReferenceProvider, ReferenceWrapper
+from ..core.layout import attention_layout, model_fingerprint, transformer_block
+from ..weights.inv_features_file import InvFeatures
+from .reference_features import FeatureCapture, ReferenceProvider, ReferenceWrapper
 
 log = logging.getLogger("likeness")
 

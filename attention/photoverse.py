@@ -1,4 +1,4 @@
-"""PhotoVerse's concept injection into every cross-attention block (methods.md A.4, A.7).
+"""PhotoVerse's concept injection into every cross-attention block (docs/methods/photoverse.md, A.7).
 
 Text branch:   Q, K^T, V^T come from the block's own to_q/to_k/to_v with the LoRA deltas merged as weight patches
                (W + alpha * B @ A, applied by the host when it loads the model), over the prompt whose placeholder
@@ -17,7 +17,7 @@ import torch
 
 from ..samplers.sigmas import percent_sigma_window
 from .dispatcher import Contribution, add_contribution, host_attention
-from .layout import attention_layout
+from ..core.layout import attention_layout
 
 SITE = "attn2"
 MAX_SCALE = 3.0
@@ -123,7 +123,7 @@ def apply_photoverse(model, loaded, concept, lora_strength: float = 1.0, text_sc
                      visual_scale: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0, mask=None):
     """A clone of model with PhotoVerse's LoRA (strength alpha) and the fused cross-attention on every block.
     Everything is checked before the clone, so a bad input leaves nothing changed."""
-    from ..encoders.photoverse_concept import photoverse_data
+    from ..concepts.photoverse_concept import photoverse_data
     from ..weights.photoverse import LoadedPhotoVerse, check_for_model
 
     if not isinstance(loaded, LoadedPhotoVerse):

@@ -1,6 +1,6 @@
 """Inv-Adapter's reference branch: the DDIM-inversion trajectory of the reference and its attention inputs.
 
-methods.md B.2/B.5: at every generation step the frozen UNet runs on the reference's inversion latent Z^p(sigma)
+docs/methods/inv-adapter.md: at every generation step the frozen UNet runs on the reference's inversion latent Z^p(sigma)
 with the caption C_inv, and the normalised hidden states entering each block's self- and cross-attention
 (F_s^p = norm1(x), F_c^p = norm2(x): what the host passes to attn1_patch / attn2_patch) are injected into the
 generation. InvFeatures keeps the trajectory (and, in cache mode, those features at every grid point);
@@ -13,14 +13,14 @@ The live pass runs once per sigma and is shared by separate cond/uncond passes.
 import logging
 import math
 import uuid
-from dataclasses import dataclass, field
 
 import torch
+
+from ..weights.inv_features_file import InvFeatures
 
 log = logging.getLogger("likeness")
 
 FEATURES_KEY = "likeness_reference_features"  # transformer_options: {provider uid: {(site, key): tensor}}
-SIGMA_RTOL = 1e-4
 
 
 class FeatureCapture:
@@ -56,82 +56,6 @@ def run_reference_branch(base_model, latent, sigma: float, caption, y=None) -> d
     kwargs = {} if y is None else {"y": y}
     base_model.apply_model(latent, t, c_crossattn=caption.to(latent.device), transformer_options=options, **kwargs)
     return store
-
-
-@dataclass
-class InvFeatures:
-    """The INV_FEATURES value. Tensors live on the CPU; features (if any) per grid point index k >= 1."""
-    fingerprint: dict
-    sigmas: torch.Tensor           # (T+1,) ascending, sigmas[0] = 0
-    latents: torch.Tensor          # (T+1, C, h, w) Z^p at each sigma, in the model's latent space (process_latent_in)
-    eps: torch.Tensor              # (T+1, C, h, w) the eps the inversion stepped with from each point
-    caption: torch.Tensor          # (1, L, context) C_inv
-    features: dict | None = None   # {k: {(site, key): (1, tokens, width)}}
-    info: dict = field(default_factory=dict)
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def __deepcopy__(self, memo):
-        return self  # immutable once built; never copy the (large) feature tensors
-
-    @property
-    def steps(self) -> int:
-        return int(self.sigmas.shape[0]) - 1
-
-    @property
-    def reference_latent(self) -> tuple:
-        return int(self.latents.shape[-2]), int(self.latents.shape[-1])
-
-    @property
-    def cached(self) -> bool:
-        return bool(self.features)
-
-    def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in (self.sigmas, self.latents, self.eps, self.caption))
-        for per_point in (self.features or {}).values():
-            total += sum(t.numel() * t.element_size() for t in per_point.values())
-        return total
-
-    def feature_bytes_per_step(self) -> int:
-        if not self.features:
-            return 0
-        first = next(iter(self.features.values()))
-        return sum(t.numel() * t.element_size() for t in first.values())
-
-    def point_index(self, sigma: float):
-        """Index of the grid point at sigma (relative tolerance), or None."""
-        diffs = (self.sigmas.double() - float(sigma)).abs()
-        k = int(torch.argmin(diffs))
-        return k if diffs[k] <= SIGMA_RTOL * max(1.0, abs(float(sigma))) else None
-
-    def latent_at(self, sigma: float) -> torch.Tensor:
-        """Z^p(sigma): the inversion's own Euler step from the grid point just below sigma, Z_i + (sigma-sigma_i) eps_i.
-
-        The inversion went from Z_i to Z_{i+1} with exactly this step, so this is the trajectory itself
-        (piecewise linear in sigma) and equals the stored latent at every grid point. Above the top point it
-        extrapolates with the eps evaluated there.
-        """
-        s = self.sigmas.double()
-        sigma = float(sigma)
-        i = int(torch.searchsorted(s, torch.tensor([sigma], dtype=torch.float64), right=True)[0]) - 1
-        i = min(max(i, 0), self.steps)
-        k = self.point_index(sigma)
-        if k is not None:
-            return self.latents[k:k + 1]
-        return self.latents[i:i + 1] + (sigma - float(s[i])) * self.eps[i:i + 1]
-
-    def check_model(self, fingerprint: dict):
-        """Features belong to the model they were extracted with: anything else is a clear error."""
-        mine, theirs = self.fingerprint.get("architecture"), fingerprint.get("architecture")
-        if mine != theirs:
-            raise ValueError(
-                f"these Inv-Adapter features were extracted with {self.fingerprint.get('describe', 'another model')} "
-                f"but the model here is {fingerprint.get('describe', 'different')}: run Inv-Adapter Extract with this "
-                "model")
-        if self.fingerprint.get("weights") != fingerprint.get("weights"):
-            raise ValueError(
-                "these Inv-Adapter features were extracted with a different checkpoint of the same architecture "
-                f"({self.fingerprint.get('describe', '')}; weights {self.fingerprint.get('weights')} vs "
-                f"{fingerprint.get('weights')}): run Inv-Adapter Extract with the model you sample with")
 
 
 class ReferenceProvider:

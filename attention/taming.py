@@ -1,4 +1,4 @@
-"""The Taming Encoder's added cross-attention as contributions of the shared attn2 dispatcher (methods.md C.2,
+"""The Taming Encoder's added cross-attention as contributions of the shared attn2 dispatcher (docs/methods/taming-encoder.md,
 E TAM2, TAM4).
 
 At every attn2 site, with Q the block's own query (shared, pretrained) and o the object tokens:
@@ -13,7 +13,7 @@ import torch
 
 from ..samplers.sigmas import percent_sigma_window
 from .dispatcher import Contribution, add_contribution
-from .layout import attention_layout, weights_digest
+from ..core.layout import attention_layout, weights_digest
 
 log = logging.getLogger("likeness")
 

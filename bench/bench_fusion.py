@@ -16,7 +16,7 @@ STEPS, SIZE = 6, 128
 def main():
     comfy, base = boot_host()
     import nodes
-    from comfyui_likeness.nodes.fusion import ksampler_fusion
+    from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
 
     model, clip, _ = standin_checkpoint(comfy, base)
     enc = lambda t: nodes.CLIPTextEncode().encode(clip, t)[0]  # noqa: E731

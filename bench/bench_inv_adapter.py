@@ -32,7 +32,7 @@ def sd15_feature_bytes(steps_list=(1, 30, 50)) -> dict:
     import comfy.ldm.modules.diffusionmodules.openaimodel as oam
     import comfy.model_patcher
     import comfy.ops
-    from comfyui_likeness.attention.layout import attention_layout
+    from comfyui_likeness.core.layout import attention_layout
 
     unet = oam.UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
                          channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],

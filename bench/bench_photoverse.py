@@ -43,9 +43,9 @@ def main():
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     from comfyui_likeness.attention.photoverse import apply_photoverse
-    from comfyui_likeness.attention.layout import attention_layout
+    from comfyui_likeness.core.layout import attention_layout
     from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
-    from comfyui_likeness.encoders.photoverse_concept import make_concept
+    from comfyui_likeness.concepts.photoverse_concept import make_concept
     from comfyui_likeness.weights.photoverse import load_photoverse, write_random_photoverse
 
     model, clip, _ = standin_checkpoint(comfy_dir, base)

@@ -18,7 +18,7 @@ def main():
     import nodes
     from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
     from comfyui_likeness.concepts.promptnet_source import PromptNetSource
-    from comfyui_likeness.nodes.fusion import ksampler_fusion
+    from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
     from comfyui_likeness.samplers.sigmas import schedule_sigmas
     from fixtures_promptnet import STANDIN_UNET, random_standin_promptnet
 

@@ -69,7 +69,7 @@ def measure_all(steps: dict, repeats=REPEATS) -> dict:
 def write_data(root):
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "support"))
     from fixtures_train import write_folder
     return write_folder(root, ("a", "b"), per=2, size=(160, 144))
 
@@ -206,7 +206,7 @@ def main():
                   + ("torch.cuda.max_memory_allocated)" if torch.cuda.is_available() else "CPU profiler events)"),
         "baselines": baselines, "trainers": results,
         "notes": ["the stand-in UNet is small next to its full CLIP-L and ViT-L, so encoders weigh more here than "
-                  "with a real SD1.5 UNet (860 M parameters); see docs/readme_training.md for GPU estimates",
+                  "with a real SD1.5 UNet (860 M parameters); see docs/training.md for GPU estimates",
                   "no_grad_part_seconds: the part of the step without gradients (VAE latents, CLIP-vision features, "
                   "caption encodings, the reference branch), included in seconds",
                   "inv_adapter: trajectories are computed once per image before timing (cached, as in training); "

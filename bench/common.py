@@ -8,13 +8,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
 def boot_host():
     """Import the host with a throw-away base directory; returns (comfy_dir, base_dir)."""
-    import harness
+    import host_harness as harness
 
     base = tempfile.mkdtemp(prefix="likeness_bench_")
     comfy = harness.import_host(base)

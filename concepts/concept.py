@@ -6,7 +6,7 @@ concept can serve SDXL's two encoders. `space` says where vectors enter the text
   "token"  - the token-embedding table, before position embeddings (textual inversion, PhotoVerse/ELITE words);
   "hidden" - the whole input embedding of the slot, position embedding included (ProFusion's S*, which the
              paper's code writes over the embedded prompt); injected as S* - pos_emb because the host adds
-             position embeddings after injection (methods.md D.2).
+             position embeddings after injection (docs/methods/fusion-sampling.md).
 `source` records where it came from (a file name, an adapter hash) so later stages can check compatibility.
 `dynamic`, when set, recomputes the vectors from the current latent at every model evaluation (ProFusion's
 PromptNet: S* follows x_t); `vectors` then hold a static approximation for samplers that cannot follow it.

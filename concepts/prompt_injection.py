@@ -1,5 +1,5 @@
 """Put a concept into a prompt at a placeholder, located by token ids, and encode the three conditionings of
-Fusion Sampling (methods.md D.2):
+Fusion Sampling (docs/methods/fusion-sampling.md):
 
   fused    the prompt with the concept, its output rows scaled by gamma   (ProFusion's c_gamma, "a holder C")
   concept  the prompt with the concept, gamma = 1                         ("a holder C")

@@ -1,4 +1,4 @@
-"""PromptNet as a concept source: S* from the reference and the current noisy latent (methods.md D.1, D.5, D.7).
+"""PromptNet as a concept source: S* from the reference and the current noisy latent (docs/methods/promptnet.md, D.5, D.7).
 
 At every model evaluation the Fusion Guider hands over x (the host's sigma-space latent) and sigma; PromptNet
 sees x in VP scaling (x / sqrt(1 + sigma^2), the model's own input scaling c_in) and t = timestep(sigma), as

@@ -1,4 +1,4 @@
-"""ELITE-style multi-layer mapper: CLIP-vision hidden states of m layers -> m tokens (methods.md A.2, R.1).
+"""ELITE-style multi-layer mapper: CLIP-vision hidden states of m layers -> m tokens (docs/methods/photoverse.md, R.1).
 
 One pair of heads per selected CLIP layer, following ELITE's global mapper [ELITE train_global.py `Mapper`] and the
 PhotoVerse port [PV-unoff models/adapters.py]:

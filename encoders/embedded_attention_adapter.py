@@ -1,4 +1,4 @@
-"""Inv-Adapter's Embedded Attention Adapter (EAA) weights as an nn.Module (methods.md B.3).
+"""Inv-Adapter's Embedded Attention Adapter (EAA) weights as an nn.Module (docs/methods/inv-adapter.md).
 
 Per transformer block: self-side K'_s, V'_s (width -> inner, no bias) over the reference's self-attention inputs
 F_s^p, and cross-side token aggregation s -> s_c followed by K'_c, V'_c over the reference's cross-attention
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention.layout import AttentionLayout, parse_site_name
+from ..core.layout import AttentionLayout, parse_site_name
 from .token_aggregation import TokenAggregation
 
 SIDES = ("self", "cross")

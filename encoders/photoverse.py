@@ -1,4 +1,4 @@
-"""PhotoVerse's trainable modules (methods.md A.2-A.4): the text adapter, the image adapter, and per
+"""PhotoVerse's trainable modules (docs/methods/photoverse.md): the text adapter, the image adapter, and per
 cross-attention block the LoRA on to_q/to_k/to_v and the visual projections K^S/V^S.
 
   text adapter   EliteMapper: CLIP-vision layers [last, 4, 8, 12, 16] -> words S1..S5 of the text-encoder width

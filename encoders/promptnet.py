@@ -1,4 +1,4 @@
-"""ProFusion's PromptNet (Zhou et al. 2023, App. B; methods.md D.1), built on the host's own UNet blocks.
+"""ProFusion's PromptNet (Zhou et al. 2023, App. B; docs/methods/promptnet.md), built on the host's own UNet blocks.
 
 Body: the base UNet's conv_in, time embedding, down levels and middle block (the encoder half of the host's
 UNetModel, so the same LDM key layout and the same attention patches apply). Inputs at every evaluation:
@@ -9,7 +9,7 @@ UNetModel, so the same LDM key layout and the same attention patches apply). Inp
 Head: the conv_in sum, each down level's output and the middle block's output are each mapped to
 `region_channels` x G x G (G = the deepest grid), concatenated and reduced by a G x G convolution to one token
 S* of the text-encoder width. ProFusion's residual heads are multiplied by zero in its code and are left out.
-PromptNet needs a fixed latent size (64 for 512-pixel SD); other sizes are resized to it (methods.md PF6).
+PromptNet needs a fixed latent size (64 for 512-pixel SD); other sizes are resized to it (docs/methods/promptnet.md).
 """
 import copy
 

@@ -1,4 +1,4 @@
-"""The Taming Encoder's trainable modules (seed 003; methods.md C, E TAM1-TAM4), one nn.Module for inference and
+"""The Taming Encoder's trainable modules (seed 003; docs/methods/taming-encoder.md, E TAM1-TAM4), one nn.Module for inference and
 training.
 
 - ObjectProjection: frozen CLIP-vision tokens of the masked subject (B, T, W) -> object tokens (B, N, context).
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention.layout import AttentionLayout
+from ..core.layout import AttentionLayout
 
 # Known CLIP vision towers, told apart by (hidden width, layers); the host loads all of them as CLIP_VISION.
 VISION_NAMES = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14"}

@@ -1,4 +1,4 @@
-"""Training-time choice of the object embedding (seed 003 §3.3-3.4; methods.md C.3, E TAM3-TAM4).
+"""Training-time choice of the object embedding (seed 003 §3.3-3.4; docs/methods/taming-encoder.md, E TAM3-TAM4).
 
 Per sample of a mixed batch:
 - general-domain sample (no subject identity): always the null embedding phi (object-embedding dropping);

@@ -1,7 +1,7 @@
 """5-point face alignment onto the ArcFace template, in torch and differentiable (grid_sample).
 
 The template and the similarity (rotation + uniform scale + translation) fit follow insightface's
-face_align.py / methods.md §R.4; the fit is Umeyama's least-squares solution, written here from the paper's
+face_align.py / docs/methods/faces.md; the fit is Umeyama's least-squares solution, written here from the paper's
 equations. warp_affine reproduces cv2.warpAffine's pixel convention (pixel centres at integer coordinates,
 bilinear, zero border), so aligned crops match insightface's norm_crop to interpolation rounding."""
 import torch

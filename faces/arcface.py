@@ -1,5 +1,5 @@
 """A differentiable ArcFace for identity losses (PhotoVerse's L_face = 1 - cos(f(x), f(x')), seed 001 §2.5;
-methods.md §R.4): an IResNet converted from insightface's ONNX recognition model, insightface's input
+docs/methods/faces.md): an IResNet converted from insightface's ONNX recognition model, insightface's input
 normalisation, and landmark alignment by grid_sample so gradients reach the generated image.
 
     arcface = load_arcface(".../models/insightface/models/buffalo_l/w600k_r50.onnx")   # or a converted .safetensors
@@ -57,7 +57,7 @@ class ArcFace(nn.Module):
 
     def identity_loss(self, reference: torch.Tensor, generated: torch.Tensor, landmarks: torch.Tensor | None = None):
         """mean(1 - cos(f(reference), f(generated))). Both images are warped with the *reference* landmarks
-        (methods.md §R.4), so the loss compares the same face region and stays differentiable."""
+        (docs/methods/faces.md), so the loss compares the same face region and stays differentiable."""
         if landmarks is not None and reference.shape[-2:] != generated.shape[-2:]:
             raise ValueError(f"reference {tuple(reference.shape[-2:])} and generated {tuple(generated.shape[-2:])} "
                              "images must have the same size to share the reference landmarks")

@@ -1,4 +1,4 @@
-"""IResNet, the ArcFace backbone (methods.md §R.4, after deepinsight/insightface arcface_torch's iresnet.py
+"""IResNet, the ArcFace backbone (docs/methods/faces.md, after deepinsight/insightface arcface_torch's iresnet.py
 as described there): written here from that description, with the same module names so its state dict keys
 are conv1, bn1, prelu, layer1-4.k.{bn1, conv1, bn2, prelu, conv2, bn3, downsample.0/1}, bn2, fc, features.
 

@@ -1,15 +1,10 @@
 """Fusion Sampling nodes: the guider, the sampler and the all-in-one KSampler (Fusion)."""
-import comfy.model_management
 import comfy.samplers
-import comfy.sample
-import comfy.utils
-import latent_preview
 from comfy_api.latest import io
 
-from ..samplers.fusion_guider import FusionGuider, check_conditionings
 from ..samplers.fusion_sampler import fusion_ksampler
+from ..samplers.ksampler_fusion import build_guider, ksampler_fusion
 from ..samplers.refine_steps import REFINE_SAMPLERS
-from ..samplers.sigmas import schedule_sigmas
 
 CATEGORY = "Likeness/sampling"
 
@@ -48,14 +43,6 @@ def _conditioning_inputs():
         io.Conditioning.Input("concept", tooltip="prompt with the concept (Likeness Prompt: concept)"),
         io.Conditioning.Input("context", tooltip="prompt with the class word (Likeness Prompt: context)"),
     ]
-
-
-def build_guider(model, negative, fused, concept, context, w_fusion, w_concept, w_context, latent_batch=None):
-    check_conditionings(model, {"negative": negative, "fused": fused, "concept": concept, "context": context}, latent_batch)
-    guider = FusionGuider(model)
-    guider.set_fusion_conds(negative, fused, concept, context)
-    guider.set_weights(w_fusion, w_concept, w_context)
-    return guider
 
 
 class LikenessFusionGuider(io.ComfyNode):
@@ -123,27 +110,6 @@ class KSamplerFusion(io.ComfyNode):
         return io.NodeOutput(ksampler_fusion(
             model, seed, steps, sampler_name, scheduler, negative, fused, concept, context, latent_image, denoise,
             w_fusion, w_concept, w_context, fusion_steps, eta, refine, start_percent, end_percent))
-
-
-def ksampler_fusion(model, seed, steps, sampler_name, scheduler, negative, fused, concept, context, latent, denoise,
-                    w_fusion, w_concept, w_context, fusion_steps, eta, refine, start_percent, end_percent):
-    """What KSampler does (nodes.common_ksampler), with the Fusion Guider and Fusion Sampler."""
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    guider = build_guider(model, negative, fused, concept, context, w_fusion, w_concept, w_context,
-                          latent_batch=latent_image.shape[0])
-    sampler = fusion_ksampler(fusion_steps, eta, refine, sampler_name, start_percent, end_percent)
-    if denoise <= 0.0:
-        out = latent.copy()
-        out["samples"] = latent_image
-        return out
-    sigmas = schedule_sigmas(model, scheduler, steps, denoise)
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-    samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
-                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out = latent.copy()
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
-    return out
 
 
 NODES = [LikenessFusionGuider, LikenessFusionSampler, KSamplerFusion]

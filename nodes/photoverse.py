@@ -7,10 +7,10 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..attention.photoverse import MAX_SCALE, apply_photoverse
-from ..encoders.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_concept
+from ..concepts.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_concept
 from ..folders import safetensors_files
 from ..weights.photoverse import load_photoverse
-from ..weights.photoverse_concept import concept_nbytes, load_photoverse_concept, save_photoverse_concept
+from ..concepts.photoverse_concept_file import concept_nbytes, load_photoverse_concept, save_photoverse_concept
 
 log = logging.getLogger("likeness")
 

@@ -3,7 +3,7 @@
     fusion stage     D = D_neg + w_f * (D_fused - D_neg)                                  (eq. 3)
     refinement stage D = D_neg + w1 * (D_concept - D_neg) + w2 * (D_context - D_neg)      (eq. 6)
 
-Combining denoised estimates is the same as combining eps because the weights sum to one (methods.md D.5).
+Combining denoised estimates is the same as combining eps because the weights sum to one (docs/methods/fusion-sampling.md).
 A plain sampler connected to this guider gets the refinement rule, i.e. Fusion Sampling with m = 0.
 The Fusion Sampler asks for the fusion rule through a key in model_options, so the host's inpainting wrapper
 (KSamplerX0Inpaint) still sits between the sampler and both rules.
@@ -13,8 +13,8 @@ import math
 import comfy.conds
 import comfy.samplers
 
-from ..attention.dispatcher import UNCOND_INDICES_KEY
 from ..concepts.prompt_injection import DYNAMIC_KEY
+from ..core.keys import UNCOND_INDICES_KEY
 
 STAGE_KEY = "likeness_fusion_stage"
 FUSION, REFINE = "fusion", "refine"

@@ -5,7 +5,7 @@ x = x0 + sigma * eps and the denoised estimate x0_hat, the whole update collapse
 
     x_tilde <- x0_hat + sigma * [(1 - rho) * eps_hat + sqrt(rho * (2 - rho)) * z],   rho = eta^2 (1 - sigma_next^2 / sigma^2)
 
-which is eq. 11 divided by sqrt(alpha_bar_t) (docs: methods.md D.5). The two-stage form below (an ancestral step
+which is eq. 11 divided by sqrt(alpha_bar_t) (docs/methods/fusion-sampling.md). The two-stage form below (an ancestral step
 down to sigma_next, then a draw from the posterior back up to sigma) is the same distribution; the tests pin the
 two against each other and against eq. 11 written in alpha-bar form.
 
@@ -29,7 +29,7 @@ def fusion_rho(sigma: float, sigma_next: float, eta: float) -> float:
 
 def fusion_renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: float, eta: float,
                    noise: torch.Tensor) -> torch.Tensor:
-    """Closed form of one fusion update: the new x_tilde at the same sigma (methods.md D.5)."""
+    """Closed form of one fusion update: the new x_tilde at the same sigma (docs/methods/fusion-sampling.md)."""
     rho = fusion_rho(sigma, sigma_next, eta)
     return x0 + sigma * ((1.0 - rho) * eps + math.sqrt(rho * (2.0 - rho)) * noise)
 

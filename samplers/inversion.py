@@ -1,4 +1,4 @@
-"""Deterministic DDIM inversion on the host's own sigma grid (methods.md B.1; comfyui-host.md section 2).
+"""Deterministic DDIM inversion on the host's own sigma grid (docs/methods/inv-adapter.md; the host's comfy/samplers.py).
 
 A deterministic DDIM step is an Euler step in sigma, so inversion walks the sampler's grid upwards:
     x <- x + eps_hat(x, sigma_eval) * (sigma_next - sigma),   eps_hat = (x - D(x, sigma_eval)) / sigma_eval
@@ -65,7 +65,7 @@ def ddim_invert(model_patcher, conditioning, latent: dict, steps: int, scheduler
     return result, up.flip(0)
 
 
-# --- Recording the whole trajectory (Inv-Adapter's reference branch, methods.md B.1/B.5) ---------------------
+# --- Recording the whole trajectory (Inv-Adapter's reference branch, docs/methods/inv-adapter.md) ---------------------
 
 class InversionTrajectory:
     """Every point of an inversion: sigmas ascending (T+1,), latents (T+1, B, C, h, w) in the model's latent space

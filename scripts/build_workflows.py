@@ -11,12 +11,11 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
 def object_info_in_process() -> dict:
-    import harness
+    import host_harness as harness
     from workflow_convert import object_info
 
     harness.import_host(tempfile.mkdtemp(prefix="likeness_build_"))

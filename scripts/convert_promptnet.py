@@ -15,8 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(folder: str, out: str, comfy_dir: str | None = None):
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import harness
+    import host_harness as harness
     import tempfile
 
     harness.import_host(tempfile.mkdtemp(prefix="likeness_convert_"))

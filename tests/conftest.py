@@ -1,4 +1,9 @@
-"""Session fixtures: the real ComfyUI host (in-process), micro models, and the stand-in checkpoint."""
+"""Session fixtures: the real ComfyUI host (in-process), micro models, and the stand-in model files.
+
+tests/<area>/ holds the tests of one area of the pack; tests/support/ holds what they share (micro models,
+per-family fixtures and test-time assets, workflow helpers); the host harness is scripts/host_harness.py, which
+the scripts use too.
+"""
 import os
 import shutil
 import sys
@@ -6,11 +11,12 @@ import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "support"), os.path.join(os.path.dirname(HERE), "scripts")]
+import host_harness as harness  # noqa: E402
+import standins  # noqa: E402
 
 REPO = harness.REPO
-sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 _BASE = tempfile.mkdtemp(prefix="likeness_tests_")
 COMFY = harness.import_host(_BASE)
@@ -32,32 +38,13 @@ def pack():
 @pytest.fixture(scope="session")
 def checkpoint(base_dir):
     """The stand-in SD1.5 checkpoint in the host's checkpoints folder (built once per session)."""
-    from standin_checkpoint import build_standin_checkpoint
-
-    name = "likeness_standin_sd15.safetensors"
-    path = os.path.join(base_dir, "models", "checkpoints", name)
-    if not os.path.exists(path):
-        build_standin_checkpoint(COMFY, path)
-    return name
-
-
-CLIP_VISION_NAME = "likeness_standin_vit_l14.safetensors"
-
-
-def ensure_clip_vision(base_dir):
-    """The stand-in ViT-L/14 CLIP vision file in models/clip_vision (0.6 GB, built once per session)."""
-    from standin_clip_vision import build_standin_clip_vision
-
-    path = os.path.join(base_dir, "models", "clip_vision", CLIP_VISION_NAME)
-    if not os.path.exists(path):
-        build_standin_clip_vision(COMFY, path)
-    return CLIP_VISION_NAME
+    return standins.ensure_checkpoint(base_dir, COMFY)
 
 
 @pytest.fixture(scope="session")
 def clip_vision(base_dir):
     """Name of the stand-in CLIP vision file that the host's CLIPVisionLoader accepts."""
-    return ensure_clip_vision(base_dir)
+    return standins.ensure_clip_vision(base_dir, COMFY)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +82,6 @@ def workflow_assets(base_dir, checkpoint, input_images):
     import importlib
     import glob
 
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "assets_*.py"))):
+    for path in sorted(glob.glob(os.path.join(HERE, "support", "assets_*.py"))):
         importlib.import_module(os.path.splitext(os.path.basename(path))[0]).prepare(base_dir, COMFY)
     return base_dir

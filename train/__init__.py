@@ -1,4 +1,4 @@
-"""Trainers, one per method, on the host's own model classes and the pack's own modules (docs/readme_training.md).
+"""Trainers, one per method, on the host's own model classes and the pack's own modules (docs/training.md).
 
   launch.py        entry script for `accelerate launch` (imports the host, then cli.py)
   cli.py           command line and the method registry

@@ -1,6 +1,6 @@
 """Settings of a training run: the loop's (shared by every method) and the method's own options.
 
-A run is described by a JSON file (see docs/readme_training.md for one per method) whose keys are the fields
+A run is described by a JSON file (see docs/training.md for one per method) whose keys are the fields
 below, with the method's options under "options"; command-line flags override single fields.
 """
 import dataclasses

@@ -1,4 +1,4 @@
-"""The diffusion objective on the host's own model classes (comfyui-host.md section 8).
+"""The diffusion objective on the host's own model classes (the host's BaseModel.apply_model).
 
 The frozen base model is a ComfyUI ModelPatcher; its BaseModel.apply_model(x, sigma, ...) is called directly
 with gradients on (torch.inference_mode(False)). It works in the host's sigma space (x = x0 + sigma * eps, the
@@ -121,7 +121,7 @@ def add_noise(model_patcher, x0: torch.Tensor, sigma: torch.Tensor, noise: torch
 
 
 def vp_input(model_patcher, x_t: torch.Tensor, sigma: torch.Tensor):
-    """(x_t in VP scaling, float timestep) as the UNet sees them: PromptNet's inputs (methods.md D.5)."""
+    """(x_t in VP scaling, float timestep) as the UNet sees them: PromptNet's inputs (docs/methods/fusion-sampling.md)."""
     ms = model_sampling(model_patcher)
     sigma = sigma.to(x_t.device)
     return ms.calculate_input(sigma, x_t), ms.timestep(sigma).float()

@@ -1,4 +1,4 @@
-"""Inv-Adapter trainer (Xing et al. 2024, §3.3, §4.1; methods.md B.4) on the pack's EAA modules.
+"""Inv-Adapter trainer (Xing et al. 2024, §3.3, §4.1; docs/methods/inv-adapter.md) on the pack's EAA modules.
 
 Objective: L = E||eps - eps_theta(Z_t, C, Z_t^p, C_inv, t)||^2 where Z_t is the noised latent of the full
 image, C = C_inv = the image's caption, and Z_t^p the DDIM-inversion latent of its face crop at the same t.
@@ -20,7 +20,7 @@ import torch
 
 from ..attention.dispatcher import add_contribution
 from ..attention.inv_adapter import EAAContribution
-from ..attention.layout import attention_layout, weights_digest
+from ..core.layout import attention_layout, weights_digest
 from ..attention.reference_features import FeatureCapture
 from ..encoders.embedded_attention_adapter import EAASpec, EmbeddedAttentionAdapter
 from .data import ImageDataset
@@ -217,7 +217,7 @@ class InvAdapterTrainer(MethodTrainer):
         return path
 
     def hyperparameters(self) -> dict:
-        return {"method": "Inv-Adapter (methods.md B.4)", "base_model": self.base.name,
+        return {"method": "Inv-Adapter (docs/methods/inv-adapter.md)", "base_model": self.base.name,
                 "inversion_steps": self.steps, "scheduler": self.scheduler, "reference_size": self.reference_size,
                 "sides": list(self.sides)}
 

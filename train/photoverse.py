@@ -1,4 +1,4 @@
-"""PhotoVerse trainer (Chen et al. 2023; methods.md A.5-A.6, E PV1-PV8) on the pack's PhotoVerse modules.
+"""PhotoVerse trainer (Chen et al. 2023; docs/methods/photoverse.md, E PV1-PV8) on the pack's PhotoVerse modules.
 
 Trained: the text adapter, the image adapter, the LoRA on every cross-attention's to_q/to_k/to_v and the
 visual K^S/V^S (encoders/photoverse.py); the UNet, text encoder and CLIP vision stay frozen.
@@ -19,11 +19,11 @@ import os
 import torch
 
 from ..attention.dispatcher import Contribution, add_contribution
-from ..attention.layout import attention_layout
+from ..core.layout import attention_layout
 from ..attention.photoverse import fused_attention
 from ..concepts.concept import TOKEN_SPACE
 from ..encoders.photoverse import LORA_TARGETS, R1, R2, PhotoVerseAdapter, PhotoVerseSpec, draw_fusion_scales
-from ..encoders.photoverse_concept import _layer_features, clip_vision_signature, face_pixels
+from ..concepts.photoverse_concept import _layer_features, clip_vision_signature, face_pixels
 from .data import ImageDataset
 from .diffusion import (add_noise, check_trainable_model, decode_differentiable, denoise, encode_images,
                         eps_from_denoised, eps_loss, fresh, sample_timesteps, sigmas_for)
@@ -107,7 +107,7 @@ class PhotoVerseTrainer(MethodTrainer):
     """options: hidden (1024), lora_rank (8), alpha (1.0), r1 / r2 (1/3, 2/3), lambda_face / lambda_rt / lambda_rv,
     face_fraction (0.25), face_max_t (500), arcface (an insightface recognition .onnx or a converted .safetensors;
     without it L_face is off), template, and the face-crop options of train/face_data.face_dataset (face crop
-    at the CLIP size, factor 1.3, mask_source 'face_oval' recommended; PV1-PV8 in methods.md)."""
+    at the CLIP size, factor 1.3, mask_source 'face_oval' recommended; choices PV1-PV8 in docs/methods/photoverse.md)."""
 
     name = "photoverse"
     file_name = "photoverse.safetensors"
@@ -197,7 +197,7 @@ class PhotoVerseTrainer(MethodTrainer):
         return path
 
     def hyperparameters(self) -> dict:
-        return {"method": "PhotoVerse (methods.md A.5-A.6)", "base_model": self.base.name, "alpha": self.alpha,
+        return {"method": "PhotoVerse (docs/methods/photoverse.md)", "base_model": self.base.name, "alpha": self.alpha,
                 "r1": self.r1, "r2": self.r2, "lambda_face": self.lambda_face if self.arcface is not None else 0.0,
                 "lambda_rt": self.lambda_rt, "lambda_rv": self.lambda_rv, "face_fraction": self.face_fraction,
                 "face_max_t": self.face_max_t}
@@ -209,7 +209,7 @@ class PhotoVerseTrainer(MethodTrainer):
 
         from ..attention.photoverse import apply_photoverse
         from ..concepts.prompt_injection import encode_likeness_prompt
-        from ..encoders.photoverse_concept import encode_photoverse_concept
+        from ..concepts.photoverse_concept import encode_photoverse_concept
         from ..weights.photoverse import LoadedPhotoVerse
 
         item = self.dataset()[0]

@@ -1,4 +1,4 @@
-"""ProFusion trainers (Zhou et al. 2023; methods.md D.3, D.6) on the pack's PromptNet (encoders/promptnet.py).
+"""ProFusion trainers (Zhou et al. 2023; docs/methods/promptnet.md, D.6) on the pack's PromptNet (encoders/promptnet.py).
 
 Pre-training (D.3): PromptNet learns S* = PromptNet(x̄0, x_t, t, CLIP-vision tokens of x̄0) through the frozen
 UNet and text encoder: eps-MSE with t ~ U{0..999}, the reference equal to the target image, "a photo of S*" as
@@ -159,7 +159,7 @@ class PromptNetPretrainer(MethodTrainer):
         return path
 
     def hyperparameters(self) -> dict:
-        return {"method": "ProFusion PromptNet pre-training (methods.md D.3)", "base_model": self.base.name,
+        return {"method": "ProFusion PromptNet pre-training (docs/methods/promptnet.md)", "base_model": self.base.name,
                 "template": self.option("template", TEMPLATE), "l2_reg": self.l2_reg,
                 "resolution": self.resolution}
 
@@ -181,7 +181,7 @@ def sample_profusion(base, net, reference_image, steps, model, prompt: str = SAM
 
     from ..concepts.prompt_injection import encode_likeness_prompt
     from ..concepts.promptnet_source import PromptNetSource
-    from ..nodes.fusion import ksampler_fusion
+    from ..samplers.ksampler_fusion import ksampler_fusion
 
     side = 8 * net.latent_size
     pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), side, side, "bicubic",
@@ -233,7 +233,7 @@ def _slot(key: str) -> str:
 
 def make_views(image: torch.Tensor, count: int, size: int, seed: int = 0, box_mask: bool = True,
                fill: str = "mean") -> torch.Tensor:
-    """ProFusion's mini-dataset from one photo (methods.md D.6): the photo itself plus `count` views, each a
+    """ProFusion's mini-dataset from one photo (docs/methods/promptnet.md): the photo itself plus `count` views, each a
     square crop resized to size, randomly mirrored, multiplied by the fixed face-box mask (rows 30-460, columns
     100-400 of 512), then a RandomAffine (rotation +-10 degrees, translation 20 %, scale 0.6-1.0).
     ProFusion outpaints the emptied area with SD-2-inpainting; here it is filled with the mean colour of the
@@ -284,7 +284,7 @@ class ViewsDataset(torch.utils.data.Dataset):
 
 
 class PromptNetFineTuner(PromptNetPretrainer):
-    """Test-time fine-tuning of a PromptNet and the UNet's attention q/k/v on one subject (methods.md D.6).
+    """Test-time fine-tuning of a PromptNet and the UNet's attention q/k/v on one subject (docs/methods/promptnet.md).
 
     promptnet: a loaded PromptNet module (copied, never changed) and its metadata; views: (N, S, S, 3) images of
     the subject (make_views). options: template, train_unet_qkv (True)."""
@@ -379,7 +379,7 @@ class PromptNetFineTuner(PromptNetPretrainer):
         return path
 
     def hyperparameters(self) -> dict:
-        return {"method": "ProFusion test-time fine-tuning (methods.md D.6)", "views": int(self.views.shape[0]),
+        return {"method": "ProFusion test-time fine-tuning (docs/methods/promptnet.md)", "views": int(self.views.shape[0]),
                 "template": self.option("template", TEMPLATE), "train_unet_qkv": bool(self.option("train_unet_qkv", True))}
 
     def sample_reference(self):

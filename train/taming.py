@@ -1,4 +1,4 @@
-"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §5; methods.md C.3, E TAM1-TAM6) on the pack's modules.
+"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §5; docs/methods/taming-encoder.md, E TAM1-TAM6) on the pack's modules.
 
 The object embedding o = f_o(x * m) is the frozen CLIP vision tower on the background-removed subject
 (encoders/taming_object.encode_object: the inference preprocessing). Per sample of a mixed batch
@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from ..attention.layout import attention_layout, weights_digest
+from ..core.layout import attention_layout, weights_digest
 from ..attention.taming import attach_for_training
 from ..encoders.taming_encoder import TamingEncoder, TamingSpec, VisionSpec
 from ..encoders.taming_training import DEFAULT_OMEGA, NULL, cross_reference_choice, training_object_tokens
@@ -214,7 +214,7 @@ class TamingTrainer(MethodTrainer):
         return path
 
     def hyperparameters(self) -> dict:
-        return {"method": "Taming Encoder (methods.md C.3)", "base_model": self.base.name, "omega": self.omega,
+        return {"method": "Taming Encoder (docs/methods/taming-encoder.md)", "base_model": self.base.name, "omega": self.omega,
                 "domain_ratio": float(self.option("domain_ratio", DOMAIN_RATIO)), "text_dropout": self.text_dropout,
                 "train_unet": self.train_unet}
 

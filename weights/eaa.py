@@ -110,7 +110,7 @@ def check_eaa_for_reference(spec: EAASpec, reference_latent, name: str = "the ad
 def write_random_eaa(path: str, model_patcher, reference_size: int = 512, s_c: int = 256, seed: int = 0,
                      scale: float = 1.0):
     """An EAA file with random weights for the given model (tests, demos, benchmarks: not a trained adapter)."""
-    from ..attention.layout import attention_layout
+    from ..core.layout import attention_layout
 
     layout = attention_layout(model_patcher)
     spec = EAASpec.for_layout(layout, (reference_size // 8, reference_size // 8), s_c)

@@ -10,14 +10,95 @@ Keys:
 Metadata: likeness_format "likeness.inv_features", version 1, fingerprint (architecture + weight digest of the
 model the features came from: Apply refuses other models), info (steps, scheduler, size, cached).
 """
-from ..attention.layout import parse_site_name, site_name
-from ..attention.reference_features import InvFeatures
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.layout import parse_site_name, site_name
 from .safetensors_file import WeightFileError, load_file, register_format, save_file
 
 FORMAT = "likeness.inv_features"
 VERSION = 1
 WHAT = "Inv-Adapter features file"
 register_format(FORMAT, WHAT)
+SIGMA_RTOL = 1e-4  # a sigma within this relative distance of a grid point is that point
+
+
+@dataclass
+class InvFeatures:
+    """The INV_FEATURES value. Tensors live on the CPU; features (if any) per grid point index k >= 1."""
+    fingerprint: dict
+    sigmas: torch.Tensor           # (T+1,) ascending, sigmas[0] = 0
+    latents: torch.Tensor          # (T+1, C, h, w) Z^p at each sigma, in the model's latent space (process_latent_in)
+    eps: torch.Tensor              # (T+1, C, h, w) the eps the inversion stepped with from each point
+    caption: torch.Tensor          # (1, L, context) C_inv
+    features: dict | None = None   # {k: {(site, key): (1, tokens, width)}}
+    info: dict = field(default_factory=dict)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __deepcopy__(self, memo):
+        return self  # immutable once built; never copy the (large) feature tensors
+
+    @property
+    def steps(self) -> int:
+        return int(self.sigmas.shape[0]) - 1
+
+    @property
+    def reference_latent(self) -> tuple:
+        return int(self.latents.shape[-2]), int(self.latents.shape[-1])
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.features)
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in (self.sigmas, self.latents, self.eps, self.caption))
+        for per_point in (self.features or {}).values():
+            total += sum(t.numel() * t.element_size() for t in per_point.values())
+        return total
+
+    def feature_bytes_per_step(self) -> int:
+        if not self.features:
+            return 0
+        first = next(iter(self.features.values()))
+        return sum(t.numel() * t.element_size() for t in first.values())
+
+    def point_index(self, sigma: float):
+        """Index of the grid point at sigma (relative tolerance), or None."""
+        diffs = (self.sigmas.double() - float(sigma)).abs()
+        k = int(torch.argmin(diffs))
+        return k if diffs[k] <= SIGMA_RTOL * max(1.0, abs(float(sigma))) else None
+
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        """Z^p(sigma): the inversion's own Euler step from the grid point just below sigma, Z_i + (sigma-sigma_i) eps_i.
+
+        The inversion went from Z_i to Z_{i+1} with exactly this step, so this is the trajectory itself
+        (piecewise linear in sigma) and equals the stored latent at every grid point. Above the top point it
+        extrapolates with the eps evaluated there.
+        """
+        s = self.sigmas.double()
+        sigma = float(sigma)
+        i = int(torch.searchsorted(s, torch.tensor([sigma], dtype=torch.float64), right=True)[0]) - 1
+        i = min(max(i, 0), self.steps)
+        k = self.point_index(sigma)
+        if k is not None:
+            return self.latents[k:k + 1]
+        return self.latents[i:i + 1] + (sigma - float(s[i])) * self.eps[i:i + 1]
+
+    def check_model(self, fingerprint: dict):
+        """Features belong to the model they were extracted with: anything else is a clear error."""
+        mine, theirs = self.fingerprint.get("architecture"), fingerprint.get("architecture")
+        if mine != theirs:
+            raise ValueError(
+                f"these Inv-Adapter features were extracted with {self.fingerprint.get('describe', 'another model')} "
+                f"but the model here is {fingerprint.get('describe', 'different')}: run Inv-Adapter Extract with this "
+                "model")
+        if self.fingerprint.get("weights") != fingerprint.get("weights"):
+            raise ValueError(
+                "these Inv-Adapter features were extracted with a different checkpoint of the same architecture "
+                f"({self.fingerprint.get('describe', '')}; weights {self.fingerprint.get('weights')} vs "
+                f"{fingerprint.get('weights')}): run Inv-Adapter Extract with the model you sample with")
 
 
 def save_inv_features(path: str, features: InvFeatures) -> str:

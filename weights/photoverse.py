@@ -147,7 +147,7 @@ def check_for_clip_vision(spec: PhotoVerseSpec, signature: dict, name: str = "th
 def new_adapter_for(model_patcher, clip_vision_signature: dict, text_width: int | None = None, hidden: int | None = None,
                     dtype=torch.float32) -> PhotoVerseAdapter:
     """An adapter sized for a model and a CLIP vision (weights uninitialised for manual-cast, torch default else)."""
-    from ..attention.layout import attention_layout
+    from ..core.layout import attention_layout
     from ..encoders.elite_mapper import HIDDEN
 
     spec = PhotoVerseSpec.for_models(attention_layout(model_patcher), clip_vision_signature, text_width=text_width,

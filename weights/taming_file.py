@@ -141,7 +141,7 @@ def write_random_taming(path: str, model_patcher, vision: VisionSpec, queries: i
                         seed: int = 0, scale: float = 1.0, gate: float = 1.0, dtype=torch.float16):
     """A Taming Encoder file with random weights for the given model and CLIP vision shape (tests, demos,
     benchmarks: not a trained adapter)."""
-    from ..attention.layout import attention_layout
+    from ..core.layout import attention_layout
 
     spec = TamingSpec.for_layout(attention_layout(model_patcher), vision, queries=queries, depth=depth)
     module = TamingEncoder(spec, dtype=torch.float32, device="cpu").init_random(seed, scale, gate)
