@@ -88,13 +88,33 @@ def fresh(t):
     return t.clone() if t.is_inference() else t
 
 
+def needs_size_conditioning(model_patcher) -> bool:
+    """SDXL-style UNets take a vector `y` (the pooled text output and six size embeddings) besides the context."""
+    return model_patcher.model.model_config.unet_config.get("adm_in_channels") is not None
+
+
 def check_trainable_model(model_patcher):
-    """The trainers condition the UNet on cross-attention context only (SD1.x / SD2.x); say so for others."""
-    config = model_patcher.model.model_config.unet_config
-    if config.get("adm_in_channels") is not None:
-        raise ValueError("the trainers support cross-attention-only UNets (SD1.x, SD2.x); this model also needs "
-                         "pooled/size conditioning (SDXL-style 'adm' inputs)")
+    """The trainers condition the UNet on its cross-attention context, plus `y` for SDXL (size_conditioning_y).
+    Other vector-conditioned UNets (unCLIP, SVD, ...) build `y` from inputs the trainers do not have."""
+    import comfy.model_base
+
+    if needs_size_conditioning(model_patcher) and not isinstance(model_patcher.model, comfy.model_base.SDXL):
+        raise ValueError(f"the trainers support SD1.x, SD2.x and SDXL UNets; this model "
+                         f"({type(model_patcher.model).__name__}) needs vector conditioning they cannot build")
     return model_patcher
+
+
+def size_conditioning_y(model_patcher, pooled, height: int, width: int):
+    """The SDXL UNet's `y` for images of height x width pixels, uncropped, as CLIPTextEncodeSDXL conditions
+    (the host's SDXL.encode_adm: pooled clip_g output + embeddings of size, crop and target size); None for
+    models without vector conditioning. pooled: (B, width_g)."""
+    if not needs_size_conditioning(model_patcher):
+        return None
+    if pooled is None:
+        raise ValueError("this SDXL model needs the pooled text output to build its size conditioning")
+    y = model_patcher.model.encode_adm(pooled_output=pooled, height=int(height), width=int(width), crop_h=0, crop_w=0,
+                                       target_height=int(height), target_width=int(width), device=pooled.device)
+    return y.to(pooled.device)
 
 
 def model_sampling(model_patcher):

@@ -75,21 +75,27 @@ def _text_width(clip) -> int:
 
 class CaptionEncoder:
     """Fixed (no-gradient) conditionings of captions, cached by text, cut to one 77-token chunk so a batch of
-    different captions stacks."""
+    different captions stacks. with_pooled() also gives the pooled output SDXL's size conditioning needs."""
 
     def __init__(self, clip, max_cache: int = 4096):
         self.clip, self.cache, self.max_cache = clip, {}, max_cache
 
+    def _encode(self, text):
+        hit = self.cache.get(text)
+        if hit is None:
+            with torch.no_grad():
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+            chunk = len(next(iter(self.clip.tokenize("").values()))[0])
+            hit = (cond[:, :chunk].float().cpu(), None if pooled is None else pooled.float().cpu())
+            if len(self.cache) < self.max_cache:
+                self.cache[text] = hit
+        return hit
+
     def __call__(self, texts) -> torch.Tensor:
-        rows = []
-        for text in texts:
-            cond = self.cache.get(text)
-            if cond is None:
-                with torch.no_grad():
-                    cond = self.clip.encode_from_tokens(self.clip.tokenize(text)).float().cpu()
-                chunk = len(next(iter(self.clip.tokenize("").values()))[0])
-                cond = cond[:, :chunk]
-                if len(self.cache) < self.max_cache:
-                    self.cache[text] = cond
-            rows.append(cond)
-        return torch.cat(rows)
+        return torch.cat([self._encode(text)[0] for text in texts])
+
+    def with_pooled(self, texts):
+        """(context (B, tokens, width), pooled (B, width_g) or None for encoders without a pooled output)."""
+        hits = [self._encode(text) for text in texts]
+        pooled = [p for _, p in hits]
+        return torch.cat([c for c, _ in hits]), (None if any(p is None for p in pooled) else torch.cat(pooled))
