@@ -42,6 +42,18 @@ def checkpoint(base_dir):
 
 
 @pytest.fixture(scope="session")
+def checkpoint_sd2(base_dir):
+    """A stand-in SD2.x-base checkpoint (OpenCLIP ViT-H text encoder, context 1024)."""
+    return standins.ensure_checkpoint(base_dir, COMFY, "sd2")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_sdxl(base_dir):
+    """A stand-in SDXL checkpoint (CLIP-L + bigG text encoders, pooled output and size conditioning)."""
+    return standins.ensure_checkpoint(base_dir, COMFY, "sdxl")
+
+
+@pytest.fixture(scope="session")
 def clip_vision(base_dir):
     """Name of the stand-in CLIP vision file that the host's CLIPVisionLoader accepts."""
     return standins.ensure_clip_vision(base_dir, COMFY)

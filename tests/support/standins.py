@@ -7,16 +7,21 @@ import os
 
 CHECKPOINT_NAME = "likeness_standin_sd15.safetensors"
 CLIP_VISION_NAME = "likeness_standin_vit_l14.safetensors"
+# family -> the checkpoint name the stand-in of that family is written under
+CHECKPOINT_NAMES = {"sd15": CHECKPOINT_NAME, "sd2": "likeness_standin_sd2.safetensors",
+                    "sdxl": "likeness_standin_sdxl.safetensors"}
 
 
-def ensure_checkpoint(base_dir: str, comfy_dir: str) -> str:
-    """The stand-in SD1.5 checkpoint in base_dir/models/checkpoints (built once per session)."""
+def ensure_checkpoint(base_dir: str, comfy_dir: str, family: str = "sd15") -> str:
+    """The stand-in checkpoint of a family (sd15, sd2, sdxl) in base_dir/models/checkpoints (built once per session;
+    SD1.5 0.3 GB, SD2 0.7 GB, SDXL 1.9 GB because the text encoders are full size)."""
     from standin_checkpoint import build_standin_checkpoint
 
-    path = os.path.join(base_dir, "models", "checkpoints", CHECKPOINT_NAME)
+    name = CHECKPOINT_NAMES[family]
+    path = os.path.join(base_dir, "models", "checkpoints", name)
     if not os.path.exists(path):
-        build_standin_checkpoint(comfy_dir, path)
-    return CHECKPOINT_NAME
+        build_standin_checkpoint(comfy_dir, path, family=family)
+    return name
 
 
 def ensure_clip_vision(base_dir: str, comfy_dir: str) -> str:
