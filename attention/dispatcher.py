@@ -1,10 +1,17 @@
-"""One stackable replace patch per attention site (docs/architecture.md).
+"""One stackable replace patch per attention site (docs/architecture.md, docs/stacking.md).
 
-The host keeps one replace patch per (attn1|attn2, block key): the last writer wins. This pack instead puts one
-AttentionDispatcher on each site it touches. A dispatcher holds an ordered tuple of Contributions; each has its
-own weight, sigma window and optional spatial mask, and may be limited to the conditional or unconditional
-rows. Methods (Inv-Adapter, PhotoVerse, Taming Encoder) register contributions; they stack with each other and
-with another pack's replace patch that was already on the site, which the dispatcher calls for the base output.
+The host keeps one replace patch per (attn1|attn2, block key) and looks up the 3-tuple key (block, number,
+transformer index) before the 2-tuple (block, number): the last writer wins. This pack instead puts one
+AttentionDispatcher on the 3-tuple key of each site it touches. A dispatcher holds an ordered tuple of
+Contributions; each has its own weight, sigma window and optional spatial mask, and may be limited to the
+conditional or unconditional rows. Methods (Inv-Adapter, PhotoVerse, Taming Encoder) register contributions; they
+stack with each other in registration order.
+
+Other packs' patches give the base output and the contributions apply on top, whichever was applied first: a
+replace patch already on the site (3- or 2-tuple key) is called for the base; one put on the 2-tuple key later,
+or one that overwrote a dispatcher, is linked in per model call by a DIFFUSION_MODEL wrapper (relinked_options);
+callbacks added through .add(callback, **kwargs), the convention of IPAdapter_plus, InstantID and PuLID_ComfyUI,
+run after the base as those packs run them.
 
 Contract of a contribution (see Contribution):
   compute(call) gets an AttentionCall: projected q, k, v of the block (B', T, heads*dim_head), extra_options,
@@ -19,6 +26,7 @@ inactive contributions leave the output bit-identical to the unpatched model.
 """
 import logging
 import math
+import threading
 
 import torch
 
@@ -30,6 +38,9 @@ SITES = ("attn1", "attn2")
 INPUTS_KEY = "likeness_attention_inputs"
 CFG_UNCOND_INDICES = frozenset({1})
 APPLY_TO = ("all", "cond", "uncond")
+REGISTRY_KEY = "likeness_dispatchers"  # transformer_options: {(site, key): the dispatcher registered there}
+RELINK_KEY = "likeness_relink_sites"
+NO_SIGMA = 999999999.9  # the sigma the add() convention assumes for a call without one
 
 
 def host_attention(q, k, v, heads, extra_options, mask=None):
@@ -195,24 +206,71 @@ def _row_scale(apply_to, call: AttentionCall, dtype, device):
 
 
 class AttentionDispatcher:
-    """The replace patch of one (site, key). Callable as the host expects: (q, k, v, extra_options) -> out."""
+    """The replace patch of one (site, key). Callable as the host expects: (q, k, v, extra_options) -> out.
 
-    def __init__(self, site, key, contributions=(), previous=None):
+    out = base, then the callbacks other packs added through add(), then the contributions, in order. The base is
+    another pack's replace patch when one is on the site (`previous`), else the host's attention. When `previous`
+    overwrote a dispatcher of ours (`displaced`) without calling it, the displaced dispatcher's terms are applied
+    to its output too, so they are not lost to the host's last-writer-wins rule.
+    """
+
+    def __init__(self, site, key, contributions=(), previous=None, *, previous_is_block=False, callbacks=(),
+                 displaced=None):
         self.site, self.key = site, tuple(key)
         self.contributions = tuple(contributions)
-        self.previous = previous  # another pack's replace patch that was here first; it gives the base output
+        self.previous = previous                    # another pack's replace patch: it gives the base output
+        self.previous_is_block = previous_is_block  # `previous` sits on the 2-tuple (block, number) key
+        self.callbacks = tuple(callbacks)           # (callback, kwargs) that other packs added through add()
+        self.displaced = displaced                  # the dispatcher of ours that `previous` replaced at this key
+
+    def _variant(self, **changes):
+        fields = dict(contributions=self.contributions, previous=self.previous,
+                      previous_is_block=self.previous_is_block, callbacks=self.callbacks, displaced=self.displaced)
+        fields.update(changes)
+        return AttentionDispatcher(self.site, self.key, **fields)
 
     def with_contribution(self, contribution):
-        return AttentionDispatcher(self.site, self.key, self.contributions + (contribution,), self.previous)
+        return self._variant(contributions=self.contributions + (contribution,))
+
+    # --- the convention of IPAdapter_plus, InstantID and PuLID_ComfyUI (docs/stacking.md) -----------------------
+    # Their registration calls .add(callback, **kwargs) on whatever object holds the key already; the callback
+    # returns a term added to the running output when sigma_end <= sigma <= sigma_start. The object at the key is
+    # the one in the MODEL clone that pack made, so adding in place changes no other model.
+    def add(self, callback, **kwargs):
+        self.callbacks = self.callbacks + ((callback, kwargs),)
+
+    def set_new_condition(self, *args, **kwargs):
+        raise RuntimeError(
+            f"Another node tried to extend the Likeness attention patch at {self.site} {self.key} with "
+            "set_new_condition(), a call only its own patch class understands (older IPAdapter / InstantID "
+            "versions). Apply that node before the Likeness node, or update that pack (current versions use add()).")
 
     def base(self, q, k, v, extra_options):
-        if self.previous is not None:
+        if self.previous is None:
+            return host_attention(q, k, v, int(extra_options["n_heads"]), extra_options)
+        if self.displaced is None:
             return self.previous(q, k, v, extra_options)
-        return host_attention(q, k, v, int(extra_options["n_heads"]), extra_options)
+        out, called_us = _call_overwriter(self.site, self.key, self.previous, q, k, v, extra_options)
+        return out if called_us else self.displaced.apply_all_terms(out, q, k, v, extra_options)
 
     def __call__(self, q, k, v, extra_options):
-        out = self.base(q, k, v, extra_options)
+        _note_dispatcher_call(self.site, self.key)
+        return self.apply_terms(self.base(q, k, v, extra_options), q, k, v, extra_options)
+
+    def apply_all_terms(self, out, q, k, v, extra_options):
+        """The terms of this dispatcher and of the ones it displaced, on an output another patch computed."""
+        if self.displaced is not None:
+            out = self.displaced.apply_all_terms(out, q, k, v, extra_options)
+        return self.apply_terms(out, q, k, v, extra_options)
+
+    def apply_terms(self, out, q, k, v, extra_options):
         sigma = current_sigma(extra_options)
+        for callback, kwargs in self.callbacks:
+            at = NO_SIGMA if sigma is None else sigma
+            if kwargs.get("sigma_end", -math.inf) <= at <= kwargs.get("sigma_start", math.inf):
+                term = callback(out, q, k, v, extra_options, **kwargs)
+                if torch.is_tensor(term):  # the convention returns 0 for "nothing here" (weight 0, layer off)
+                    out = out + term.to(out.dtype)
         active = [c for c in self.contributions if c.is_active(sigma)]
         if not active:
             return out
@@ -238,26 +296,65 @@ class AttentionDispatcher:
     def to(self, device_or_dtype):
         if self.previous is not None and hasattr(self.previous, "to"):
             self.previous = self.previous.to(device_or_dtype)
+        if self.displaced is not None:
+            self.displaced.to(device_or_dtype)
         return self
 
     def models(self):
         out = []
+
+        def keep(models):
+            out.extend(m for m in models if all(m is not o for o in out))
+
         if self.previous is not None and hasattr(self.previous, "models"):
-            out += list(self.previous.models())
+            keep(self.previous.models())
+        if self.displaced is not None:
+            keep(self.displaced.models())
         for c in self.contributions:
-            out += [m for m in c.models() if all(m is not o for o in out)]
+            keep(c.models())
         return out
 
     def __deepcopy__(self, memo):
         import copy
 
         # A clone gets its own dispatcher (so registering on it never touches the original) sharing the
-        # contributions; another pack's patch is copied the way the host would have copied it.
+        # contributions and the added callbacks; another pack's patch is copied the way the host would have.
         previous = copy.deepcopy(self.previous, memo) if self.previous is not None else None
-        return AttentionDispatcher(self.site, self.key, self.contributions, previous)
+        displaced = copy.deepcopy(self.displaced, memo) if self.displaced is not None else None
+        return self._variant(previous=previous, displaced=displaced)
 
     def __repr__(self):
-        return f"AttentionDispatcher({self.site}, {self.key}, {len(self.contributions)} contributions)"
+        return (f"AttentionDispatcher({self.site}, {self.key}, {len(self.contributions)} contributions, "
+                f"{len(self.callbacks)} added callbacks, base {'host' if self.previous is None else 'another patch'})")
+
+
+# A patch that overwrote a dispatcher of ours may itself call that dispatcher (a pack that chains the patch it
+# found, as this one does). Then the dispatcher's terms are already in its output and must not be applied twice.
+# While such a patch runs, a flag per (site, key) records whether a dispatcher of that site was called.
+_overwriter_calls = threading.local()
+
+
+def _flags(site, key) -> list:
+    stacks = getattr(_overwriter_calls, "stacks", None)
+    if stacks is None:
+        stacks = _overwriter_calls.stacks = {}
+    return stacks.setdefault((site, key), [])
+
+
+def _call_overwriter(site, key, patch, q, k, v, extra_options):
+    flags = _flags(site, key)
+    flags.append(False)
+    try:
+        out = patch(q, k, v, extra_options)
+    finally:
+        called_us = flags.pop()
+    return out, called_us
+
+
+def _note_dispatcher_call(site, key):
+    flags = getattr(_overwriter_calls, "stacks", {}).get((site, key))
+    if flags:
+        flags[-1] = True
 
 
 class InputRecorder:
@@ -283,18 +380,74 @@ def add_contribution(model_patcher, site: str, key, contribution: Contribution):
     key = tuple(key)
     if len(key) != 3:
         raise ValueError(f"a site key is (block, number, transformer index); got {key!r}")
-    existing = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get(site, {})
-    current = existing.get(key)
+    options = model_patcher.model_options["transformer_options"]
+    at_site = options.get("patches_replace", {}).get(site, {})
+    current = at_site.get(key)
     if isinstance(current, AttentionDispatcher):
         new = current.with_contribution(contribution)
+    elif current is not None:
+        # Another pack's patch on the 3-tuple key: it was there first, or it replaced a dispatcher of ours (which
+        # keeps applying its terms on top of it). Either way it gives the base output.
+        ours = options.get(REGISTRY_KEY, {}).get((site, key))
+        new = AttentionDispatcher(site, key, (contribution,), current, displaced=ours)
     else:
-        # The host looks up the 3-tuple first, then the 2-tuple: a patch another pack put on either runs below us.
-        previous = current if current is not None else existing.get(key[:2])
-        new = AttentionDispatcher(site, key, (contribution,), previous)
+        # The host uses the 2-tuple key only where no 3-tuple patch exists: a patch there runs below us.
+        block = at_site.get(key[:2])
+        new = AttentionDispatcher(site, key, (contribution,), block, previous_is_block=block is not None)
     model_patcher.set_model_patch_replace(new, site, key[0], key[1], key[2])
+    options = model_patcher.model_options["transformer_options"]
+    options[REGISTRY_KEY] = {**options.get(REGISTRY_KEY, {}), (site, key): new}
+    _ensure_relinker(model_patcher)
     if contribution.needs_inputs:
         _ensure_input_recorder(model_patcher, site)
     return new
+
+
+# --- patches other packs register after ours -------------------------------------------------------------------
+# Registration time cannot see them, so a DIFFUSION_MODEL wrapper looks once per model call and hands them to the
+# dispatchers for that call only (the model's own options are never changed):
+#   - a patch on the 2-tuple key of a site where our dispatcher has no base of its own (IPAdapter_plus on SD1.5,
+#     the perturbed pass of PAG), which the host would never call because our 3-tuple key wins;
+#   - a patch that overwrote our dispatcher at the 3-tuple key (SAG on the middle block's self-attention): it
+#     becomes the base, and the displaced dispatcher's terms still apply.
+
+def relinked_options(transformer_options: dict) -> dict:
+    """transformer_options for one model call, with every later patch linked to the dispatchers (see above)."""
+    registry = transformer_options.get(REGISTRY_KEY)
+    if not registry:
+        return transformer_options
+    replace = transformer_options.get("patches_replace", {})
+    linked = {}
+    for (site, key), ours in registry.items():
+        at_site = replace.get(site, {})
+        current = at_site.get(key)
+        if current is None:
+            continue  # the patches were removed on purpose (e.g. a reference branch runs the bare UNet)
+        if not isinstance(current, AttentionDispatcher):
+            linked[(site, key)] = AttentionDispatcher(site, key, (), current, displaced=ours)
+        elif current.previous is None or current.previous_is_block:
+            block = at_site.get(key[:2])
+            if block is not None and block is not current.previous and not isinstance(block, AttentionDispatcher):
+                linked[(site, key)] = current._variant(previous=block, previous_is_block=True)
+    if not linked:
+        return transformer_options
+    replace = {site: dict(patches) for site, patches in replace.items()}
+    for (site, key), dispatcher in linked.items():
+        replace[site][key] = dispatcher
+    return {**transformer_options, "patches_replace": replace}
+
+
+def relink_sites(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    """DIFFUSION_MODEL wrapper (around the UNet's forward) that applies relinked_options to each model call."""
+    return executor(x, timesteps, context, y, control, relinked_options(transformer_options), **kwargs)
+
+
+def _ensure_relinker(model_patcher):
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    if not model_patcher.get_wrappers(kind, RELINK_KEY):
+        model_patcher.add_wrapper_with_key(kind, RELINK_KEY, relink_sites)
 
 
 def _ensure_input_recorder(model_patcher, site):

@@ -159,6 +159,8 @@ def apply_inv_adapter(model, features: InvFeatures, adapter=None, weight: float 
     from ..weights.eaa import check_eaa_for_model, check_eaa_for_reference
     import comfy.patcher_extension
 
+    if weight == 0.0 or not (self_attention or cross_attention):
+        return model  # nothing to register: the model that came in (docs/stacking.md)
     if not isinstance(features, InvFeatures):
         raise ValueError("inv_features must come from Inv-Adapter Extract or Load Inv-Adapter Features")
     layout = attention_layout(model)
@@ -206,4 +208,4 @@ def apply_inv_adapter(model, features: InvFeatures, adapter=None, weight: float 
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, ReferenceWrapper(provider))
         m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, key, provider.reset)
         m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, provider.reset)
-    return m
+    return m if registered else model

@@ -126,6 +126,8 @@ def apply_photoverse(model, loaded, concept, lora_strength: float = 1.0, text_sc
     from ..concepts.photoverse_concept import photoverse_data
     from ..weights.photoverse import LoadedPhotoVerse, check_for_model
 
+    if lora_strength == 0.0 and visual_scale == 0.0 and text_scale == 1.0:
+        return model  # every part off: nothing to register, the model that came in (docs/stacking.md)
     if not isinstance(loaded, LoadedPhotoVerse):
         raise ValueError("adapter must be a PhotoVerse adapter (Load PhotoVerse Adapter)")
     data = photoverse_data(concept)

@@ -145,6 +145,8 @@ def apply_taming_encoder(model, adapter, embedding, weight: float = 1.0, start_p
     from ..encoders.taming_object import ObjectEmbedding
     from ..weights.taming_file import TamingAdapter, check_taming_for_model, check_taming_for_vision
 
+    if weight == 0.0:
+        return model  # nothing to register: the model that came in (docs/stacking.md)
     if not isinstance(adapter, TamingAdapter):
         raise ValueError("taming must come from Load Taming Encoder (Likeness)")
     if not isinstance(embedding, ObjectEmbedding):

@@ -90,8 +90,9 @@ class LikenessTamingApply(io.ComfyNode):
             category=CATEGORY,
             description=("Adds the Taming Encoder's cross-attention to the subject's tokens in every attn2 block: "
                          "out = text attention + weight * tanh(gate) * Attn(Q, K_o, V_o). The unconditional pass "
-                         "attends to the learned null embedding, as in training. Stacks with other Likeness "
-                         "adapters and with other packs' attention patches."),
+                         "attends to the learned null embedding, as in training. Stacks with the other Likeness "
+                         "methods and, in either order, with IPAdapter, InstantID, PuLID, SAG and PAG "
+                         "(docs/stacking.md)."),
             inputs=[
                 io.Model.Input("model"),
                 TamingAdapter.Input("taming"),
