@@ -1,6 +1,6 @@
 """Stand-ins for other packs' attention patches, written from what those packs do (docs/stacking.md), so the
-stacking tests run everywhere; tests/attention/test_stacking_ipadapter.py runs the real ComfyUI_IPAdapter_plus
-when a copy of it is available.
+stacking tests run everywhere; tests/attention/test_stacking_other_packs.py also runs the real
+ComfyUI_IPAdapter_plus when a copy of it is available (tests/support/fixtures_ipadapter.py).
 
 The adding convention (IPAdapter_plus, InstantID, PuLID_ComfyUI): one replace object per attn2 key (the 2-tuple
 (block, number) key on SD1.5, the 3-tuple key with the transformer index on SDXL) computes the plain attention
