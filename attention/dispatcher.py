@@ -304,7 +304,9 @@ class AttentionDispatcher:
         out = []
 
         def keep(models):
-            out.extend(m for m in models if all(m is not o for o in out))
+            for m in models:
+                if all(m is not o for o in out):
+                    out.append(m)
 
         if self.previous is not None and hasattr(self.previous, "models"):
             keep(self.previous.models())
