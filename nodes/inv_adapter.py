@@ -1,26 +1,21 @@
 """Inv-Adapter nodes: extract the reference branch by DDIM inversion, apply the Embedded Attention Adapter,
 save/load the extracted features, load EAA adapter files."""
-import logging
-import os
-
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import latent_preview
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..attention.inv_adapter import apply_inv_adapter, extract_inv_features
-from ..folders import safetensors_files
+from ..folders import ADAPTERS, IDENTITIES
 from ..weights.eaa import load_eaa
 from ..weights.inv_features_file import load_inv_features, save_inv_features
-
-log = logging.getLogger("likeness")
+from .files import file_input, load_file, prefix_input, save_node_output
 
 InvFeatures = io.Custom("LIKENESS_INV_FEATURES")
 EAAAdapter = io.Custom("LIKENESS_EAA")
 CATEGORY = "Likeness/inv_adapter"
-FEATURES_FOLDER = "likeness_concepts"
-ADAPTER_FOLDER = "likeness"
+FEATURES_FOLDER = IDENTITIES
+ADAPTER_FOLDER = ADAPTERS
 STORE_OPTIONS = ["per-step features", "trajectory only"]
 APPLY_TO = {"cond and uncond": "all", "cond only": "cond"}
 
@@ -106,26 +101,17 @@ class LikenessInvFeaturesSave(io.ComfyNode):
             node_id="LikenessInvFeaturesSave",
             display_name="Save Inv-Adapter Features (Likeness)",
             category=CATEGORY,
-            description="Writes INV_FEATURES to models/likeness/concepts as safetensors, tied to the model they came from.",
+            description=("Writes INV_FEATURES to models/likeness_identities as a new numbered safetensors file "
+                         "(never over an earlier one), tied to the model they came from."),
             is_output_node=True,
-            inputs=[
-                InvFeatures.Input("inv_features"),
-                io.String.Input("filename_prefix", default="inv_adapter/face"),
-            ],
+            inputs=[InvFeatures.Input("inv_features"), prefix_input("inv_adapter/face")],
             outputs=[],
         )
 
     @classmethod
     def execute(cls, inv_features, filename_prefix) -> io.NodeOutput:
-        root = folder_paths.get_folder_paths(FEATURES_FOLDER)[0]
-        os.makedirs(root, exist_ok=True)
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{filename}_{counter:05}.safetensors")
-        save_inv_features(path, inv_features)
-        rel = os.path.relpath(path, root)
-        log.info("Likeness: saved Inv-Adapter features to %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({inv_features.nbytes() / 2**20:.1f} MiB)"))
+        return save_node_output(FEATURES_FOLDER, filename_prefix, lambda path: save_inv_features(path, inv_features),
+                                "Inv-Adapter features", lambda _: f"{inv_features.nbytes() / 2**20:.1f} MiB")
 
 
 class LikenessInvFeaturesLoad(io.ComfyNode):
@@ -135,17 +121,14 @@ class LikenessInvFeaturesLoad(io.ComfyNode):
             node_id="LikenessInvFeaturesLoad",
             display_name="Load Inv-Adapter Features (Likeness)",
             category=CATEGORY,
-            description="Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness/concepts).",
-            inputs=[io.Combo.Input("features_name", options=safetensors_files(FEATURES_FOLDER))],
+            description="Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness_identities).",
+            inputs=[file_input("features_name", FEATURES_FOLDER)],
             outputs=[InvFeatures.Output(display_name="inv_features")],
         )
 
     @classmethod
     def execute(cls, features_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FEATURES_FOLDER, features_name)
-        if path is None:
-            raise ValueError(f"features_name: '{features_name}' is not in {', '.join(folder_paths.get_folder_paths(FEATURES_FOLDER))}")
-        return io.NodeOutput(load_inv_features(path))
+        return io.NodeOutput(load_file(FEATURES_FOLDER, features_name, "features_name", load_inv_features))
 
 
 class LikenessEAALoader(io.ComfyNode):
@@ -156,16 +139,13 @@ class LikenessEAALoader(io.ComfyNode):
             display_name="Load Inv-Adapter EAA (Likeness)",
             category=CATEGORY,
             description="Loads Embedded Attention Adapter weights (models/likeness, safetensors) for Inv-Adapter Apply.",
-            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
+            inputs=[file_input("adapter_name", ADAPTER_FOLDER)],
             outputs=[EAAAdapter.Output(display_name="adapter")],
         )
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
-        if path is None:
-            raise ValueError(f"adapter_name: '{adapter_name}' is not in {', '.join(folder_paths.get_folder_paths(ADAPTER_FOLDER))}")
-        return io.NodeOutput(load_eaa(path))
+        return io.NodeOutput(load_file(ADAPTER_FOLDER, adapter_name, "adapter_name", load_eaa))
 
 
 NODES = [LikenessInvAdapterExtract, LikenessInvAdapterApply, LikenessInvFeaturesSave, LikenessInvFeaturesLoad,
