@@ -14,7 +14,7 @@ import re
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..folders import folder_label, safetensors_files
+from ..folders import IDENTITIES, folder_label, safetensors_files
 
 log = logging.getLogger("likeness")
 
@@ -122,8 +122,47 @@ def save_numbered(folder_key: str, filename_prefix: str, writer, ext: str = ".sa
     return path, os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def save_node_output(folder_key: str, filename_prefix: str, writer, what: str, describe) -> io.NodeOutput:
-    """A Save node's whole run: write, log, and show 'saved <name> (<describe(path)>)' on the node."""
+def save_node_output(folder_key: str, filename_prefix: str, writer, what: str, note: str) -> io.NodeOutput:
+    """A Save node's whole run: write, log, and show 'saved <name> (<note>)' on the node."""
     path, rel = save_numbered(folder_key, filename_prefix, writer)
     log.info("Likeness: saved %s to %s", what, path)
-    return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({describe(path)})"))
+    return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({note})"))
+
+
+def file_loader_node(node_id: str, display_name: str, category: str, description: str, input_name: str,
+                     folder_key: str, output_type, output_name: str, reader):
+    """A Load node class: one file_input() -> reader(full path) -> one output."""
+
+    class FileLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, display_name=display_name, category=category, description=description,
+                             inputs=[file_input(input_name, folder_key)],
+                             outputs=[output_type.Output(display_name=output_name)])
+
+        @classmethod
+        def execute(cls, **inputs) -> io.NodeOutput:
+            return io.NodeOutput(load_file(folder_key, inputs[input_name], input_name, reader))
+
+    FileLoader.__name__ = FileLoader.__qualname__ = node_id
+    return FileLoader
+
+
+def save_node(node_id: str, display_name: str, category: str, description: str, input_type, input_name: str,
+              default_prefix: str, writer, what: str, describe):
+    """A Save node class: writer(path, value) into a new numbered file of the identities folder; the node shows
+    'saved <name> (<describe(value)>)'."""
+    class Save(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, display_name=display_name, category=category, description=description,
+                             is_output_node=True, inputs=[input_type.Input(input_name), prefix_input(default_prefix)],
+                             outputs=[])
+
+        @classmethod
+        def execute(cls, filename_prefix, **inputs) -> io.NodeOutput:
+            value = inputs[input_name]
+            return save_node_output(IDENTITIES, filename_prefix, lambda path: writer(path, value), what, describe(value))
+
+    Save.__name__ = Save.__qualname__ = node_id
+    return Save

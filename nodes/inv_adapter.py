@@ -9,7 +9,7 @@ from ..attention.inv_adapter import apply_inv_adapter, extract_inv_features
 from ..folders import ADAPTERS, IDENTITIES
 from ..weights.eaa import load_eaa
 from ..weights.inv_features_file import load_inv_features, save_inv_features
-from .files import file_input, load_file, prefix_input, save_node_output
+from .files import file_loader_node, save_node
 
 InvFeatures = io.Custom("LIKENESS_INV_FEATURES")
 EAAAdapter = io.Custom("LIKENESS_EAA")
@@ -94,58 +94,24 @@ class LikenessInvAdapterApply(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-class LikenessInvFeaturesSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessInvFeaturesSave",
-            display_name="Save Inv-Adapter Features (Likeness)",
-            category=CATEGORY,
-            description=("Writes INV_FEATURES to models/likeness_identities as a new numbered safetensors file "
-                         "(never over an earlier one), tied to the model they came from."),
-            is_output_node=True,
-            inputs=[InvFeatures.Input("inv_features"), prefix_input("inv_adapter/face")],
-            outputs=[],
-        )
-
-    @classmethod
-    def execute(cls, inv_features, filename_prefix) -> io.NodeOutput:
-        return save_node_output(FEATURES_FOLDER, filename_prefix, lambda path: save_inv_features(path, inv_features),
-                                "Inv-Adapter features", lambda _: f"{inv_features.nbytes() / 2**20:.1f} MiB")
+LikenessInvFeaturesSave = save_node(
+    "LikenessInvFeaturesSave", "Save Inv-Adapter Features (Likeness)", CATEGORY,
+    "Writes INV_FEATURES to models/likeness_identities as a new numbered safetensors file (never over an earlier "
+    "one), tied to the model they came from.",
+    InvFeatures, "inv_features", "inv_adapter/face", save_inv_features, "Inv-Adapter features",
+    lambda features: f"{features.nbytes() / 2**20:.1f} MiB")
 
 
-class LikenessInvFeaturesLoad(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessInvFeaturesLoad",
-            display_name="Load Inv-Adapter Features (Likeness)",
-            category=CATEGORY,
-            description="Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness_identities).",
-            inputs=[file_input("features_name", FEATURES_FOLDER)],
-            outputs=[InvFeatures.Output(display_name="inv_features")],
-        )
-
-    @classmethod
-    def execute(cls, features_name) -> io.NodeOutput:
-        return io.NodeOutput(load_file(FEATURES_FOLDER, features_name, "features_name", load_inv_features))
+LikenessInvFeaturesLoad = file_loader_node(
+    "LikenessInvFeaturesLoad", "Load Inv-Adapter Features (Likeness)", CATEGORY,
+    "Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness_identities).",
+    "features_name", FEATURES_FOLDER, InvFeatures, "inv_features", load_inv_features)
 
 
-class LikenessEAALoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessEAALoader",
-            display_name="Load Inv-Adapter EAA (Likeness)",
-            category=CATEGORY,
-            description="Loads Embedded Attention Adapter weights (models/likeness, safetensors) for Inv-Adapter Apply.",
-            inputs=[file_input("adapter_name", ADAPTER_FOLDER)],
-            outputs=[EAAAdapter.Output(display_name="adapter")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_file(ADAPTER_FOLDER, adapter_name, "adapter_name", load_eaa))
+LikenessEAALoader = file_loader_node(
+    "LikenessEAALoader", "Load Inv-Adapter EAA (Likeness)", CATEGORY,
+    "Loads Embedded Attention Adapter weights (models/likeness, safetensors) for Inv-Adapter Apply.",
+    "adapter_name", ADAPTER_FOLDER, EAAAdapter, "adapter", load_eaa)
 
 
 NODES = [LikenessInvAdapterExtract, LikenessInvAdapterApply, LikenessInvFeaturesSave, LikenessInvFeaturesLoad,

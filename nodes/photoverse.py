@@ -7,7 +7,7 @@ from ..concepts.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_
 from ..folders import ADAPTERS, IDENTITIES
 from ..weights.photoverse import load_photoverse
 from ..concepts.photoverse_concept_file import concept_nbytes, load_photoverse_concept, save_photoverse_concept
-from .files import file_input, load_file, prefix_input, save_node_output
+from .files import file_loader_node, save_node
 
 Adapter = io.Custom("LIKENESS_PHOTOVERSE")
 Concept = io.Custom("LIKENESS_CONCEPT")
@@ -16,23 +16,11 @@ ADAPTER_FOLDER = ADAPTERS
 CONCEPT_FOLDER = IDENTITIES
 
 
-class LikenessPhotoVerseLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseLoader",
-            display_name="Load PhotoVerse Adapter (Likeness)",
-            category=CATEGORY,
-            description=("Loads a PhotoVerse adapter (models/likeness, safetensors): text and image adapters, LoRA "
-                         "and visual K/V of every cross-attention block. No official weights exist; train one with "
-                         "the pack's trainer."),
-            inputs=[file_input("adapter_name", ADAPTER_FOLDER)],
-            outputs=[Adapter.Output(display_name="adapter")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_file(ADAPTER_FOLDER, adapter_name, "adapter_name", load_photoverse))
+LikenessPhotoVerseLoader = file_loader_node(
+    "LikenessPhotoVerseLoader", "Load PhotoVerse Adapter (Likeness)", CATEGORY,
+    "Loads a PhotoVerse adapter (models/likeness, safetensors): text and image adapters, LoRA and visual K/V of "
+    "every cross-attention block. No official weights exist; train one with the pack's trainer.",
+    "adapter_name", ADAPTER_FOLDER, Adapter, "adapter", load_photoverse)
 
 
 class LikenessPhotoVerseEncode(io.ComfyNode):
@@ -98,41 +86,18 @@ class LikenessPhotoVerseApply(io.ComfyNode):
                                               start_percent, end_percent, attn_mask))
 
 
-class LikenessPhotoVerseConceptSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseConceptSave",
-            display_name="Save PhotoVerse Concept (Likeness)",
-            category=CATEGORY,
-            description=("Writes a PhotoVerse concept to models/likeness_identities as a new numbered safetensors "
-                         "file (never over an earlier one), to reuse the identity."),
-            is_output_node=True,
-            inputs=[Concept.Input("concept"), prefix_input("photoverse/face")],
-            outputs=[],
-        )
-
-    @classmethod
-    def execute(cls, concept, filename_prefix) -> io.NodeOutput:
-        return save_node_output(CONCEPT_FOLDER, filename_prefix, lambda path: save_photoverse_concept(path, concept),
-                                "the PhotoVerse concept", lambda _: f"{concept_nbytes(concept) / 1024:.1f} KiB")
+LikenessPhotoVerseConceptSave = save_node(
+    "LikenessPhotoVerseConceptSave", "Save PhotoVerse Concept (Likeness)", CATEGORY,
+    "Writes a PhotoVerse concept to models/likeness_identities as a new numbered safetensors file (never over an "
+    "earlier one), to reuse the identity.",
+    Concept, "concept", "photoverse/face", save_photoverse_concept, "the PhotoVerse concept",
+    lambda concept: f"{concept_nbytes(concept) / 1024:.1f} KiB")
 
 
-class LikenessPhotoVerseConceptLoad(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseConceptLoad",
-            display_name="Load PhotoVerse Concept (Likeness)",
-            category=CATEGORY,
-            description="Reads a concept saved by Save PhotoVerse Concept (models/likeness_identities).",
-            inputs=[file_input("concept_name", CONCEPT_FOLDER)],
-            outputs=[Concept.Output(display_name="concept")],
-        )
-
-    @classmethod
-    def execute(cls, concept_name) -> io.NodeOutput:
-        return io.NodeOutput(load_file(CONCEPT_FOLDER, concept_name, "concept_name", load_photoverse_concept))
+LikenessPhotoVerseConceptLoad = file_loader_node(
+    "LikenessPhotoVerseConceptLoad", "Load PhotoVerse Concept (Likeness)", CATEGORY,
+    "Reads a concept saved by Save PhotoVerse Concept (models/likeness_identities).",
+    "concept_name", CONCEPT_FOLDER, Concept, "concept", load_photoverse_concept)
 
 
 NODES = [LikenessPhotoVerseLoader, LikenessPhotoVerseEncode, LikenessPhotoVerseApply, LikenessPhotoVerseConceptSave,

@@ -7,7 +7,7 @@ from ..encoders.taming_object import BACKGROUNDS, CROPS, encode_object
 from ..folders import ADAPTERS, IDENTITIES
 from ..weights.taming_embeds_file import load_object_embeds, save_object_embeds
 from ..weights.taming_file import load_taming
-from .files import file_input, load_file, prefix_input, save_node_output
+from .files import file_input, file_loader_node, load_file, save_node
 
 ObjectEmbeds = io.Custom("LIKENESS_OBJECT_EMBEDS")
 TamingAdapter = io.Custom("LIKENESS_TAMING")
@@ -50,23 +50,11 @@ class LikenessTamingEncode(io.ComfyNode):
         return io.NodeOutput(embedding, embedding.subject)
 
 
-class LikenessTamingLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessTamingLoader",
-            display_name="Load Taming Encoder (Likeness)",
-            category=CATEGORY,
-            description=("Loads Taming Encoder weights (projection, added K/V and gates, null embedding) from "
-                         "models/likeness (safetensors). No trained weights are published: train them with the "
-                         "pack's trainer."),
-            inputs=[file_input("adapter_name", ADAPTER_FOLDER)],
-            outputs=[TamingAdapter.Output(display_name="taming")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_file(ADAPTER_FOLDER, adapter_name, "adapter_name", load_taming))
+LikenessTamingLoader = file_loader_node(
+    "LikenessTamingLoader", "Load Taming Encoder (Likeness)", CATEGORY,
+    "Loads Taming Encoder weights (projection, added K/V and gates, null embedding) from models/likeness "
+    "(safetensors). No trained weights are published: train them with the pack's trainer.",
+    "adapter_name", ADAPTER_FOLDER, TamingAdapter, "taming", load_taming)
 
 
 class LikenessTamingApply(io.ComfyNode):
@@ -105,28 +93,20 @@ class LikenessTamingApply(io.ComfyNode):
                                                   attn_mask, uncond, combine))
 
 
-class LikenessObjectEmbedsSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessObjectEmbedsSave",
-            display_name="Save Object Embeds (Likeness)",
-            category=CATEGORY,
-            description=("Writes a Taming Encoder object embedding to models/likeness_identities as a new numbered "
-                         "safetensors file (never over an earlier one)."),
-            is_output_node=True,
-            inputs=[ObjectEmbeds.Input("object_embeds"), prefix_input("taming/subject")],
-            outputs=[],
-        )
+def _save_object_embeds(path, object_embeds):
+    from ..encoders.taming_object import ObjectEmbedding
 
-    @classmethod
-    def execute(cls, object_embeds, filename_prefix) -> io.NodeOutput:
-        from ..encoders.taming_object import ObjectEmbedding
+    if not isinstance(object_embeds, ObjectEmbedding):
+        raise ValueError("object_embeds must come from Taming Encode or Load Object Embeds (Likeness)")
+    save_object_embeds(path, object_embeds)
 
-        if not isinstance(object_embeds, ObjectEmbedding):
-            raise ValueError("object_embeds must come from Taming Encode or Load Object Embeds (Likeness)")
-        return save_node_output(EMBEDS_FOLDER, filename_prefix, lambda path: save_object_embeds(path, object_embeds),
-                                "the object embedding", lambda _: object_embeds.describe())
+
+LikenessObjectEmbedsSave = save_node(
+    "LikenessObjectEmbedsSave", "Save Object Embeds (Likeness)", CATEGORY,
+    "Writes a Taming Encoder object embedding to models/likeness_identities as a new numbered safetensors file "
+    "(never over an earlier one).",
+    ObjectEmbeds, "object_embeds", "taming/subject", _save_object_embeds, "the object embedding",
+    lambda embeds: embeds.describe())
 
 
 class LikenessObjectEmbedsLoad(io.ComfyNode):

@@ -85,7 +85,7 @@ def _node_with_input(prompt, name, adapter=False):
 def server(workflow_assets, base_dir):
     from comfy_http import ComfyServer
 
-    srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable).start()
+    srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable).start(timeout=600)
     yield srv
     srv.stop()
 
