@@ -141,8 +141,9 @@ def file_loader_node(node_id: str, display_name: str, category: str, description
                              outputs=[output_type.Output(display_name=output_name)])
 
         @classmethod
-        def execute(cls, **inputs) -> io.NodeOutput:
-            return io.NodeOutput(load_file(folder_key, inputs[input_name], input_name, reader))
+        def execute(cls, *args, **inputs) -> io.NodeOutput:   # the host passes keywords; scripts may not
+            name = args[0] if args else inputs[input_name]
+            return io.NodeOutput(load_file(folder_key, name, input_name, reader))
 
     FileLoader.__name__ = FileLoader.__qualname__ = node_id
     return FileLoader
@@ -160,9 +161,10 @@ def save_node(node_id: str, display_name: str, category: str, description: str, 
                              outputs=[])
 
         @classmethod
-        def execute(cls, filename_prefix, **inputs) -> io.NodeOutput:
-            value = inputs[input_name]
-            return save_node_output(IDENTITIES, filename_prefix, lambda path: writer(path, value), what, describe(value))
+        def execute(cls, *args, **inputs) -> io.NodeOutput:   # (value, filename_prefix), as keywords or in order
+            inputs.update(zip((input_name, PREFIX), args))
+            value, prefix = inputs[input_name], inputs[PREFIX]
+            return save_node_output(IDENTITIES, prefix, lambda path: writer(path, value), what, describe(value))
 
     Save.__name__ = Save.__qualname__ = node_id
     return Save

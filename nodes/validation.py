@@ -98,22 +98,30 @@ def install_input_checks(cls):
 
     execute = cls.__dict__["execute"].__func__ if isinstance(cls.__dict__.get("execute"), classmethod) else None
     if execute is not None and any(isinstance(s, io.Float.Input) for s in checked_inputs(cls.define_schema()).values()):
+        signature = inspect.signature(execute)
         if inspect.iscoroutinefunction(execute):
             @functools.wraps(execute)
-            async def checked(klass, **inputs):
-                _refuse(cls, inputs)
-                return await execute(klass, **inputs)
+            async def checked(klass, *args, **inputs):
+                _refuse(cls, signature, klass, args, inputs)
+                return await execute(klass, *args, **inputs)
         else:
             @functools.wraps(execute)
-            def checked(klass, **inputs):
-                _refuse(cls, inputs)
-                return execute(klass, **inputs)
+            def checked(klass, *args, **inputs):
+                _refuse(cls, signature, klass, args, inputs)
+                return execute(klass, *args, **inputs)
         cls.execute = classmethod(checked)
     cls._likeness_checks = True
     return cls
 
 
-def _refuse(cls, inputs):
-    found = problems(cls, inputs, queued=False)
+def _refuse(cls, signature, klass, args, inputs):
+    """The float checks on what execute() received (the host passes keywords; a script may pass them in order)."""
+    values = dict(inputs)
+    if args:
+        try:
+            values = dict(signature.bind_partial(klass, *args, **inputs).arguments)
+        except TypeError:
+            return   # the node's own call will say what is wrong
+    found = problems(cls, values, queued=False)
     if found:
         raise ValueError("; ".join(found))

@@ -36,6 +36,29 @@ def test_every_float_input_of_every_pack_node_refuses_nan_and_infinity(host):
     assert checked >= 30, checked
 
 
+def test_every_combo_and_file_input_refuses_a_value_that_is_not_there(host, workflow_assets):
+    """Adapters, saved identities, PromptNet files, embeddings and plain choices alike, named in the message;
+    pack file inputs also name their folder."""
+    from comfy_api.latest import io
+
+    from comfyui_likeness.nodes.files import FileInput
+
+    checked = set()
+    for node_id, cls in pack_nodes(host).items():
+        for spec in cls.define_schema().inputs:
+            if not isinstance(spec, io.Combo.Input):
+                continue
+            message = cls.validate_inputs(**{spec.id: "not_there.safetensors"})
+            assert isinstance(message, str) and message.startswith(f"{spec.id}: 'not_there.safetensors' is not"), (node_id, message)
+            if isinstance(spec, FileInput):
+                assert "models/likeness" in message, message
+            if spec.options:
+                assert cls.validate_inputs(**{spec.id: spec.options[0]}) is True, (node_id, spec.id)
+            checked.add(node_id)
+    assert {"LikenessPromptNetLoader", "LikenessEAALoader", "LikenessPhotoVerseLoader", "LikenessTamingLoader",
+            "LikenessInvFeaturesLoad", "LikenessObjectEmbedsLoad", "LikenessPhotoVerseConceptLoad"} <= checked
+
+
 def test_the_host_sees_one_validator_that_names_the_checked_inputs(host):
     """The host passes a validator only the inputs its signature names: every FLOAT and combo input is there."""
     import inspect
