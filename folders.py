@@ -5,25 +5,46 @@ import folder_paths
 
 SAFETENSORS = {".safetensors", ".sft"}
 
-# key -> folder name under models/. Weights are safetensors only.
+ADAPTERS = "likeness"
+IDENTITIES = "likeness_identities"
+
+# key -> folders under models/, first one first (saves go to the first). Weights are safetensors only.
 PACK_FOLDERS = {
-    "likeness": "likeness",                # adapters of the four methods
-    "likeness_concepts": "likeness/concepts",  # saved concepts and inversion features
+    ADAPTERS: ("likeness",),   # adapters of the four methods, PromptNet
+    # saved identities: PhotoVerse concepts, Inv-Adapter features, Taming object embeddings. A folder of their
+    # own, so the adapter loaders never list them; files saved by earlier versions in likeness/concepts still load.
+    IDENTITIES: ("likeness_identities", "likeness/concepts"),
 }
+LEGACY_IDENTITY_SUBFOLDER = "concepts"   # inside likeness/: not an adapter
+# earlier versions' key for the identities folder, kept for code that still names it
+ALIASES = {"likeness_concepts": IDENTITIES}
+LABELS = {ADAPTERS: "models/likeness", IDENTITIES: "models/likeness_identities"}
 
 
 def register_model_folders():
-    for key, sub in PACK_FOLDERS.items():
-        path = os.path.join(folder_paths.models_dir, *sub.split("/"))
+    for key, subs in {**PACK_FOLDERS, **{alias: PACK_FOLDERS[key] for alias, key in ALIASES.items()}}.items():
+        wanted = [os.path.join(folder_paths.models_dir, *sub.split("/")) for sub in subs]
         if key in folder_paths.folder_names_and_paths:
             paths, _ = folder_paths.folder_names_and_paths[key]
-            if path not in paths:
-                paths.append(path)
+            for path in wanted:
+                if path not in paths:
+                    paths.append(path)
             folder_paths.folder_names_and_paths[key] = (paths, SAFETENSORS)
         else:
             # add_model_folder_path would give a new key an empty extension set (every file listed).
-            folder_paths.folder_names_and_paths[key] = ([path], SAFETENSORS)
+            folder_paths.folder_names_and_paths[key] = (wanted, SAFETENSORS)
+
+
+def folder_label(key: str) -> str:
+    return LABELS.get(ALIASES.get(key, key), f"the '{key}' model folder")
+
+
+def _legacy_identity(name: str) -> bool:
+    return name.replace("\\", "/").split("/", 1)[0] == LEGACY_IDENTITY_SUBFOLDER and "/" in name.replace("\\", "/")
 
 
 def safetensors_files(key: str) -> list[str]:
-    return [f for f in folder_paths.get_filename_list(key) if os.path.splitext(f)[1].lower() in SAFETENSORS]
+    names = [f for f in folder_paths.get_filename_list(key) if os.path.splitext(f)[1].lower() in SAFETENSORS]
+    if ALIASES.get(key, key) == ADAPTERS:
+        names = [f for f in names if not _legacy_identity(f)]   # likeness/concepts holds identities, not adapters
+    return names

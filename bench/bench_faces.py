@@ -1,5 +1,5 @@
-"""Faces: the no-download detectors on photos that ship inside installed packages, Face Crop cost per mask
-source, alignment and embedding agreement with insightface, and the ONNX -> PyTorch ArcFace converter on a
+"""Faces: the no-download detectors on photos that ship inside installed packages, the masks that work without
+mediapipe (OpenCV face mesh, GrabCut person mask) against mediapipe's, Face Crop cost per mask source, alignment and embedding agreement with insightface, and the ONNX -> PyTorch ArcFace converter on a
 full-size (R50, random weights) IResNet graph.
 
 Photos: scikit-image's astronaut (1 face, public domain), coffee (no face) and LFW subset (100 face / 100
@@ -33,7 +33,7 @@ def photos():
 
 def detector_table(faces, pics):
     out = {}
-    for backend in ("mediapipe", "opencv"):
+    for backend in ("blazeface", "mediapipe", "opencv"):
         analysis = faces.loader.load_face_analysis(backend)
         row = {}
         for name in ("astronaut", "coffee", "t1"):
@@ -51,12 +51,48 @@ def detector_table(faces, pics):
     return out
 
 
-def crop_costs(faces, astronaut):
-    analysis = faces.loader.load_face_analysis("mediapipe")
+def crop_costs(faces, astronaut, backend):
+    analysis = faces.loader.load_face_analysis(backend)
     fns = {src: (lambda s=src: faces.crop.crop_faces(astronaut, analysis, size=512, mask_source=s))
            for src in ("ellipse", "face_oval", "person")}
     fns["detect_only"] = lambda: analysis.detect((astronaut[0] * 255).byte().numpy())
     return {k: round(v, 4) for k, v in median_times(fns, repeats=5).items()}
+
+
+def masks_without_mediapipe(faces, pics):
+    """Per face (astronaut + the six of t1.jpg, 256 px crops from blazeface boxes): the OpenCV face mesh's oval
+    against mediapipe's (mean point distance, mask IoU), and the GrabCut person mask against selfie segmentation."""
+    from comfyui_likeness.faces import backend_blazeface as bb
+    from comfyui_likeness.faces import backend_mediapipe as bm
+    from comfyui_likeness.faces import segmentation as sg
+
+    blaze = faces.loader.load_face_analysis("blazeface")
+    rows = []
+    for name in ("astronaut", "t1"):
+        image = torch.from_numpy(pics[name]).float().div(255)[None]
+        for index in range(len(blaze.detect(pics[name]))):
+            crop = faces.crop.crop_faces(image, blaze, size=256, mask_source="box", index=index)
+            rgb, box = (crop.images[0] * 255).round().byte().numpy(), crop.infos[0].box_in_crop
+            row = {"photo": name, "face": index}
+            ours = bb.face_oval_points(rgb, box)
+            meshes = bm.face_mesh_points(rgb)
+            if ours is not None and meshes:
+                ref = min(meshes, key=lambda p: float(np.linalg.norm(p[list(bb.FACE_OVAL)].mean(0) - ours.mean(0))))
+                ref = ref[list(bb.FACE_OVAL)]
+                a = sg.polygon_mask(sg.convex_hull(ours), 256) > 0.5
+                b = sg.polygon_mask(sg.convex_hull(ref), 256) > 0.5
+                row["oval_mean_point_distance_px"] = round(float(np.linalg.norm(ours - ref, axis=1).mean()), 2)
+                row["oval_mask_iou"] = round(float((a & b).sum() / (a | b).sum()), 3)
+            grab = sg.grabcut_person_mask(rgb, box) > 0.5
+            selfie = bm.person_mask(rgb) > 0.5
+            row["grabcut_vs_selfie_iou"] = round(float((grab & selfie).sum() / max((grab | selfie).sum(), 1)), 3)
+            rows.append(row)
+    def summary(key):
+        values = [r[key] for r in rows if key in r]
+        return {"min": min(values), "median": float(np.median(values)), "max": max(values), "faces": len(values)}
+    return {"per_face": rows, "oval_mask_iou": summary("oval_mask_iou"),
+            "oval_mean_point_distance_px": summary("oval_mean_point_distance_px"),
+            "grabcut_vs_selfie_iou": summary("grabcut_vs_selfie_iou")}
 
 
 def embedding_agreement(faces, base, astronaut):
@@ -126,7 +162,8 @@ def main():
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
         "detectors": detector_table(faces, pics),
-        "face_crop_512_seconds": crop_costs(faces, astronaut),
+        "face_crop_512_seconds": {b: crop_costs(faces, astronaut, b) for b in ("blazeface", "mediapipe")},
+        "masks_without_mediapipe": masks_without_mediapipe(faces, pics),
         "embedding_agreement_tiny_pack": embedding_agreement(faces, base, astronaut),
         "converter_r50_random": converter_r50(faces),
     }

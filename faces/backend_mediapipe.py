@@ -1,4 +1,6 @@
-"""No-download backend: mediapipe 0.10.21, the last release whose wheel bundles its .tflite models.
+"""No-download backend: mediapipe 0.10.21, the last release whose wheel bundles its .tflite models (Python 3.9-3.12
+only, and it declares numpy < 2). The 'blazeface' backend runs the same BlazeFace and face-mesh models on any
+Python through OpenCV; this one stays for installs that already have mediapipe.
 
 - detection: the BlazeFace short-range model, then the full-range model when the first finds nothing
   (mediapipe's own "within 2 m" / "within 5 m" split); 6 keypoints, from which the 5 insightface-style
@@ -12,13 +14,11 @@ import threading
 
 import numpy as np
 
+from .backend_blazeface import five_from_six
 from .detection import Detection, FaceAnalysis
 from .errors import FaceBackendMissing
 
 log = logging.getLogger("likeness.faces")
-
-# |mouth corners| / |eyes| in the ArcFace 112 template ([AF] face_align.py): 29.18 / 35.24 = 0.828
-MOUTH_HALF_WIDTH_PER_EYE_DISTANCE = 0.414
 
 INSTALL = ("python -m pip install --no-deps mediapipe==0.10.21 && python -m pip install \"protobuf>=4.25.3,<5\" "
            "absl-py attrs flatbuffers matplotlib  (0.10.21 is the last release that bundles its models; "
@@ -53,14 +53,6 @@ def _solution(kind: str, **options):
         }[kind]
         _solutions[key] = factory(**options)
     return _solutions[key]
-
-
-def five_from_six(points: np.ndarray) -> np.ndarray:
-    """mediapipe's (right eye, left eye, nose, mouth centre, ears...) in pixels -> insightface's 5 landmarks."""
-    eye_a, eye_b, nose, mouth = (np.asarray(points[i], dtype=np.float32) for i in range(4))
-    # mediapipe's "right eye" is the subject's right, which is the one on the image's left: insightface's first
-    half = (eye_b - eye_a) * MOUTH_HALF_WIDTH_PER_EYE_DISTANCE
-    return np.stack([eye_a, eye_b, nose, mouth - half, mouth + half]).astype(np.float32)
 
 
 class MediaPipeFaceAnalysis(FaceAnalysis):

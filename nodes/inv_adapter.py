@@ -1,26 +1,21 @@
 """Inv-Adapter nodes: extract the reference branch by DDIM inversion, apply the Embedded Attention Adapter,
 save/load the extracted features, load EAA adapter files."""
-import logging
-import os
-
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import latent_preview
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..attention.inv_adapter import apply_inv_adapter, extract_inv_features
-from ..folders import safetensors_files
+from ..folders import ADAPTERS, IDENTITIES
 from ..weights.eaa import load_eaa
 from ..weights.inv_features_file import load_inv_features, save_inv_features
-
-log = logging.getLogger("likeness")
+from .files import file_loader_node, save_node
 
 InvFeatures = io.Custom("LIKENESS_INV_FEATURES")
 EAAAdapter = io.Custom("LIKENESS_EAA")
 CATEGORY = "Likeness/inv_adapter"
-FEATURES_FOLDER = "likeness_concepts"
-ADAPTER_FOLDER = "likeness"
+FEATURES_FOLDER = IDENTITIES
+ADAPTER_FOLDER = ADAPTERS
 STORE_OPTIONS = ["per-step features", "trajectory only"]
 APPLY_TO = {"cond and uncond": "all", "cond only": "cond"}
 
@@ -99,73 +94,24 @@ class LikenessInvAdapterApply(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-class LikenessInvFeaturesSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessInvFeaturesSave",
-            display_name="Save Inv-Adapter Features (Likeness)",
-            category=CATEGORY,
-            description="Writes INV_FEATURES to models/likeness/concepts as safetensors, tied to the model they came from.",
-            is_output_node=True,
-            inputs=[
-                InvFeatures.Input("inv_features"),
-                io.String.Input("filename_prefix", default="inv_adapter/face"),
-            ],
-            outputs=[],
-        )
-
-    @classmethod
-    def execute(cls, inv_features, filename_prefix) -> io.NodeOutput:
-        root = folder_paths.get_folder_paths(FEATURES_FOLDER)[0]
-        os.makedirs(root, exist_ok=True)
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{filename}_{counter:05}.safetensors")
-        save_inv_features(path, inv_features)
-        rel = os.path.relpath(path, root)
-        log.info("Likeness: saved Inv-Adapter features to %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({inv_features.nbytes() / 2**20:.1f} MiB)"))
+LikenessInvFeaturesSave = save_node(
+    "LikenessInvFeaturesSave", "Save Inv-Adapter Features (Likeness)", CATEGORY,
+    "Writes INV_FEATURES to models/likeness_identities as a new numbered safetensors file (never over an earlier "
+    "one), tied to the model they came from.",
+    InvFeatures, "inv_features", "inv_adapter/face", save_inv_features, "Inv-Adapter features",
+    lambda features: f"{features.nbytes() / 2**20:.1f} MiB")
 
 
-class LikenessInvFeaturesLoad(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessInvFeaturesLoad",
-            display_name="Load Inv-Adapter Features (Likeness)",
-            category=CATEGORY,
-            description="Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness/concepts).",
-            inputs=[io.Combo.Input("features_name", options=safetensors_files(FEATURES_FOLDER))],
-            outputs=[InvFeatures.Output(display_name="inv_features")],
-        )
-
-    @classmethod
-    def execute(cls, features_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FEATURES_FOLDER, features_name)
-        if path is None:
-            raise ValueError(f"features_name: '{features_name}' is not in {', '.join(folder_paths.get_folder_paths(FEATURES_FOLDER))}")
-        return io.NodeOutput(load_inv_features(path))
+LikenessInvFeaturesLoad = file_loader_node(
+    "LikenessInvFeaturesLoad", "Load Inv-Adapter Features (Likeness)", CATEGORY,
+    "Reads INV_FEATURES saved by Save Inv-Adapter Features (models/likeness_identities).",
+    "features_name", FEATURES_FOLDER, InvFeatures, "inv_features", load_inv_features)
 
 
-class LikenessEAALoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessEAALoader",
-            display_name="Load Inv-Adapter EAA (Likeness)",
-            category=CATEGORY,
-            description="Loads Embedded Attention Adapter weights (models/likeness, safetensors) for Inv-Adapter Apply.",
-            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
-            outputs=[EAAAdapter.Output(display_name="adapter")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
-        if path is None:
-            raise ValueError(f"adapter_name: '{adapter_name}' is not in {', '.join(folder_paths.get_folder_paths(ADAPTER_FOLDER))}")
-        return io.NodeOutput(load_eaa(path))
+LikenessEAALoader = file_loader_node(
+    "LikenessEAALoader", "Load Inv-Adapter EAA (Likeness)", CATEGORY,
+    "Loads Embedded Attention Adapter weights (models/likeness, safetensors) for Inv-Adapter Apply.",
+    "adapter_name", ADAPTER_FOLDER, EAAAdapter, "adapter", load_eaa)
 
 
 NODES = [LikenessInvAdapterExtract, LikenessInvAdapterApply, LikenessInvFeaturesSave, LikenessInvFeaturesLoad,

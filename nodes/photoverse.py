@@ -1,50 +1,26 @@
 """PhotoVerse nodes: load an adapter, encode a face into a concept, apply the adapter to a model, save/load
 concepts. The words of the concept go into the prompt through the Likeness Prompt node."""
-import logging
-import os
-
-import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..attention.photoverse import MAX_SCALE, apply_photoverse
 from ..concepts.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_concept
-from ..folders import safetensors_files
+from ..folders import ADAPTERS, IDENTITIES
 from ..weights.photoverse import load_photoverse
 from ..concepts.photoverse_concept_file import concept_nbytes, load_photoverse_concept, save_photoverse_concept
-
-log = logging.getLogger("likeness")
+from .files import file_loader_node, save_node
 
 Adapter = io.Custom("LIKENESS_PHOTOVERSE")
 Concept = io.Custom("LIKENESS_CONCEPT")
 CATEGORY = "Likeness/photoverse"
-ADAPTER_FOLDER = "likeness"
-CONCEPT_FOLDER = "likeness_concepts"
+ADAPTER_FOLDER = ADAPTERS
+CONCEPT_FOLDER = IDENTITIES
 
 
-def _full_path(folder, name, what):
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise ValueError(f"{what}: '{name}' is not in {', '.join(folder_paths.get_folder_paths(folder))}")
-    return path
-
-
-class LikenessPhotoVerseLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseLoader",
-            display_name="Load PhotoVerse Adapter (Likeness)",
-            category=CATEGORY,
-            description=("Loads a PhotoVerse adapter (models/likeness, safetensors): text and image adapters, LoRA "
-                         "and visual K/V of every cross-attention block. No official weights exist; train one with "
-                         "the pack's trainer."),
-            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
-            outputs=[Adapter.Output(display_name="adapter")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_photoverse(_full_path(ADAPTER_FOLDER, adapter_name, "adapter_name")))
+LikenessPhotoVerseLoader = file_loader_node(
+    "LikenessPhotoVerseLoader", "Load PhotoVerse Adapter (Likeness)", CATEGORY,
+    "Loads a PhotoVerse adapter (models/likeness, safetensors): text and image adapters, LoRA and visual K/V of "
+    "every cross-attention block. No official weights exist; train one with the pack's trainer.",
+    "adapter_name", ADAPTER_FOLDER, Adapter, "adapter", load_photoverse)
 
 
 class LikenessPhotoVerseEncode(io.ComfyNode):
@@ -110,47 +86,18 @@ class LikenessPhotoVerseApply(io.ComfyNode):
                                               start_percent, end_percent, attn_mask))
 
 
-class LikenessPhotoVerseConceptSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseConceptSave",
-            display_name="Save PhotoVerse Concept (Likeness)",
-            category=CATEGORY,
-            description="Writes a PhotoVerse concept to models/likeness/concepts (safetensors), to reuse the identity.",
-            is_output_node=True,
-            inputs=[Concept.Input("concept"), io.String.Input("filename_prefix", default="photoverse/face")],
-            outputs=[],
-        )
-
-    @classmethod
-    def execute(cls, concept, filename_prefix) -> io.NodeOutput:
-        root = folder_paths.get_folder_paths(CONCEPT_FOLDER)[0]
-        os.makedirs(root, exist_ok=True)
-        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
-        save_photoverse_concept(path, concept)
-        rel = os.path.relpath(path, root)
-        log.info("Likeness: saved the PhotoVerse concept to %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({concept_nbytes(concept) / 1024:.1f} KiB)"))
+LikenessPhotoVerseConceptSave = save_node(
+    "LikenessPhotoVerseConceptSave", "Save PhotoVerse Concept (Likeness)", CATEGORY,
+    "Writes a PhotoVerse concept to models/likeness_identities as a new numbered safetensors file (never over an "
+    "earlier one), to reuse the identity.",
+    Concept, "concept", "photoverse/face", save_photoverse_concept, "the PhotoVerse concept",
+    lambda concept: f"{concept_nbytes(concept) / 1024:.1f} KiB")
 
 
-class LikenessPhotoVerseConceptLoad(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessPhotoVerseConceptLoad",
-            display_name="Load PhotoVerse Concept (Likeness)",
-            category=CATEGORY,
-            description="Reads a concept saved by Save PhotoVerse Concept (models/likeness/concepts).",
-            inputs=[io.Combo.Input("concept_name", options=safetensors_files(CONCEPT_FOLDER))],
-            outputs=[Concept.Output(display_name="concept")],
-        )
-
-    @classmethod
-    def execute(cls, concept_name) -> io.NodeOutput:
-        return io.NodeOutput(load_photoverse_concept(_full_path(CONCEPT_FOLDER, concept_name, "concept_name")))
+LikenessPhotoVerseConceptLoad = file_loader_node(
+    "LikenessPhotoVerseConceptLoad", "Load PhotoVerse Concept (Likeness)", CATEGORY,
+    "Reads a concept saved by Save PhotoVerse Concept (models/likeness_identities).",
+    "concept_name", CONCEPT_FOLDER, Concept, "concept", load_photoverse_concept)
 
 
 NODES = [LikenessPhotoVerseLoader, LikenessPhotoVerseEncode, LikenessPhotoVerseApply, LikenessPhotoVerseConceptSave,

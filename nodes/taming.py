@@ -1,31 +1,19 @@
 """Taming Encoder nodes: encode the masked subject with CLIP vision, load the adapter, apply the added
 cross-attention, save/load object embeddings."""
-import logging
-import os
-
-import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..attention.taming import COMBINES, UNCOND_MODES, apply_taming_encoder
 from ..encoders.taming_object import BACKGROUNDS, CROPS, encode_object
-from ..folders import safetensors_files
+from ..folders import ADAPTERS, IDENTITIES
 from ..weights.taming_embeds_file import load_object_embeds, save_object_embeds
 from ..weights.taming_file import load_taming
-
-log = logging.getLogger("likeness")
+from .files import file_input, file_loader_node, load_file, save_node
 
 ObjectEmbeds = io.Custom("LIKENESS_OBJECT_EMBEDS")
 TamingAdapter = io.Custom("LIKENESS_TAMING")
 CATEGORY = "Likeness/taming"
-ADAPTER_FOLDER = "likeness"
-EMBEDS_FOLDER = "likeness_concepts"
-
-
-def _full_path(folder: str, name: str, what: str) -> str:
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise ValueError(f"{what}: '{name}' is not in {', '.join(folder_paths.get_folder_paths(folder))}")
-    return path
+ADAPTER_FOLDER = ADAPTERS
+EMBEDS_FOLDER = IDENTITIES
 
 
 class LikenessTamingEncode(io.ComfyNode):
@@ -62,23 +50,11 @@ class LikenessTamingEncode(io.ComfyNode):
         return io.NodeOutput(embedding, embedding.subject)
 
 
-class LikenessTamingLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessTamingLoader",
-            display_name="Load Taming Encoder (Likeness)",
-            category=CATEGORY,
-            description=("Loads Taming Encoder weights (projection, added K/V and gates, null embedding) from "
-                         "models/likeness (safetensors). No trained weights are published: train them with the "
-                         "pack's trainer."),
-            inputs=[io.Combo.Input("adapter_name", options=safetensors_files(ADAPTER_FOLDER))],
-            outputs=[TamingAdapter.Output(display_name="taming")],
-        )
-
-    @classmethod
-    def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_taming(_full_path(ADAPTER_FOLDER, adapter_name, "adapter_name")))
+LikenessTamingLoader = file_loader_node(
+    "LikenessTamingLoader", "Load Taming Encoder (Likeness)", CATEGORY,
+    "Loads Taming Encoder weights (projection, added K/V and gates, null embedding) from models/likeness "
+    "(safetensors). No trained weights are published: train them with the pack's trainer.",
+    "adapter_name", ADAPTER_FOLDER, TamingAdapter, "taming", load_taming)
 
 
 class LikenessTamingApply(io.ComfyNode):
@@ -118,35 +94,20 @@ class LikenessTamingApply(io.ComfyNode):
                                                   attn_mask, uncond, combine))
 
 
-class LikenessObjectEmbedsSave(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LikenessObjectEmbedsSave",
-            display_name="Save Object Embeds (Likeness)",
-            category=CATEGORY,
-            description="Writes a Taming Encoder object embedding to models/likeness/concepts as safetensors.",
-            is_output_node=True,
-            inputs=[ObjectEmbeds.Input("object_embeds"),
-                    io.String.Input("filename_prefix", default="taming/subject")],
-            outputs=[],
-        )
+def _save_object_embeds(path, object_embeds):
+    from ..encoders.taming_object import ObjectEmbedding
 
-    @classmethod
-    def execute(cls, object_embeds, filename_prefix) -> io.NodeOutput:
-        from ..encoders.taming_object import ObjectEmbedding
+    if not isinstance(object_embeds, ObjectEmbedding):
+        raise ValueError("object_embeds must come from Taming Encode or Load Object Embeds (Likeness)")
+    save_object_embeds(path, object_embeds)
 
-        if not isinstance(object_embeds, ObjectEmbedding):
-            raise ValueError("object_embeds must come from Taming Encode or Load Object Embeds (Likeness)")
-        root = folder_paths.get_folder_paths(EMBEDS_FOLDER)[0]
-        os.makedirs(root, exist_ok=True)
-        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{filename}_{counter:05}.safetensors")
-        save_object_embeds(path, object_embeds)
-        rel = os.path.relpath(path, root)
-        log.info("Likeness: saved the object embedding to %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} ({object_embeds.describe()})"))
+
+LikenessObjectEmbedsSave = save_node(
+    "LikenessObjectEmbedsSave", "Save Object Embeds (Likeness)", CATEGORY,
+    "Writes a Taming Encoder object embedding to models/likeness_identities as a new numbered safetensors file "
+    "(never over an earlier one).",
+    ObjectEmbeds, "object_embeds", "taming/subject", _save_object_embeds, "the object embedding",
+    lambda embeds: embeds.describe())
 
 
 class LikenessObjectEmbedsLoad(io.ComfyNode):
@@ -156,8 +117,8 @@ class LikenessObjectEmbedsLoad(io.ComfyNode):
             node_id="LikenessObjectEmbedsLoad",
             display_name="Load Object Embeds (Likeness)",
             category=CATEGORY,
-            description="Reads an object embedding saved by Save Object Embeds (models/likeness/concepts).",
-            inputs=[io.Combo.Input("embeds_name", options=safetensors_files(EMBEDS_FOLDER))],
+            description="Reads an object embedding saved by Save Object Embeds (models/likeness_identities).",
+            inputs=[file_input("embeds_name", EMBEDS_FOLDER)],
             outputs=[ObjectEmbeds.Output(display_name="object_embeds"),
                      io.Image.Output(display_name="subject", tooltip="what the CLIP vision model saw")],
         )
@@ -166,7 +127,7 @@ class LikenessObjectEmbedsLoad(io.ComfyNode):
     def execute(cls, embeds_name) -> io.NodeOutput:
         import torch
 
-        embedding = load_object_embeds(_full_path(EMBEDS_FOLDER, embeds_name, "embeds_name"))
+        embedding = load_file(EMBEDS_FOLDER, embeds_name, "embeds_name", load_object_embeds)
         subject = embedding.subject
         if subject is None:
             subject = torch.zeros(embedding.images, 64, 64, 3)

@@ -24,18 +24,21 @@ class ComfyServer:
     """A ComfyUI process with its own base directory (models, custom_nodes, input, output, user)."""
 
     def __init__(self, comfy_dir: str, base_dir: str, python: str = sys.executable, port: int | None = None,
-                 extra_args: tuple = ()):
+                 extra_args: tuple = (), prefix: tuple = (), launcher: tuple = ()):
+        """prefix: a command the server runs under (e.g. strace); launcher: a script (and its arguments) that
+        python runs instead of main.py directly, with main.py and the server's arguments after it."""
         self.comfy_dir, self.base_dir, self.python = comfy_dir, base_dir, python
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
+        self.prefix, self.launcher = list(prefix), list(launcher)
         self.proc = None
         self.log_path = os.path.join(base_dir, "server.log")
 
     def start(self, timeout: float = 180.0):
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
             os.makedirs(os.path.join(self.base_dir, sub), exist_ok=True)
-        cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [*self.prefix, self.python, *self.launcher, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", *self.extra_args]
         if not _has_cuda(self.python):

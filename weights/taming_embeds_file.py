@@ -1,4 +1,4 @@
-"""Object embeddings of the Taming Encoder saved for reuse (safetensors, models/likeness/concepts).
+"""Object embeddings of the Taming Encoder saved for reuse (safetensors, models/likeness_identities).
 
 Keys: features (images, tokens, hidden) float32 (the CLIP vision tower's penultimate hidden states of the masked
 subject), subject (images, size, size, 3) uint8 (what the tower saw; for previews).

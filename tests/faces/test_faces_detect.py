@@ -27,6 +27,11 @@ def mediapipe(faces):
 
 
 @pytest.fixture(scope="module")
+def blazeface(faces):
+    return faces.loader.load_face_analysis("blazeface")
+
+
+@pytest.fixture(scope="module")
 def haar(faces):
     return faces.loader.load_face_analysis("opencv")
 
@@ -35,7 +40,7 @@ def u8(img):
     return (img[0] * 255).round().to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("backend", ["mediapipe", "haar"])
+@pytest.mark.parametrize("backend", ["blazeface", "mediapipe", "haar"])
 def test_the_astronaut_face_is_found(request, astronaut, backend):  # noqa: F811
     analysis = request.getfixturevalue(backend)
     dets = analysis.detect(u8(astronaut))
@@ -43,7 +48,7 @@ def test_the_astronaut_face_is_found(request, astronaut, backend):  # noqa: F811
     cx, cy = dets[0].center
     assert abs(cx - FACE_CENTRE[0]) < 20 and abs(cy - FACE_CENTRE[1]) < 25, dets[0]
     assert 70 < dets[0].width < 130
-    if backend == "mediapipe":
+    if backend != "haar":
         kps = dets[0].kps
         assert kps.shape == (5, 2)
         assert kps[0, 0] < kps[1, 0] and kps[3, 0] < kps[4, 0]          # image-left eye/mouth first
@@ -54,7 +59,7 @@ def test_the_astronaut_face_is_found(request, astronaut, backend):  # noqa: F811
         assert dets[0].kps is None
 
 
-@pytest.mark.parametrize("backend", ["mediapipe", "haar"])
+@pytest.mark.parametrize("backend", ["blazeface", "mediapipe", "haar"])
 def test_no_face_in_the_coffee_photo(request, coffee, backend):  # noqa: F811
     assert request.getfixturevalue(backend).detect(u8(coffee)) == []
 
@@ -112,18 +117,21 @@ def test_face_oval_mask_covers_the_face_and_not_the_background(faces, mediapipe,
     assert float(person.mean()) > frac and person.max() <= 1
 
 
-def test_face_oval_falls_back_to_the_ellipse_without_mediapipe(faces, haar, astronaut, monkeypatch, caplog):  # noqa: F811
+def test_face_oval_falls_back_to_the_ellipse_without_a_face_mesh(faces, haar, astronaut, monkeypatch, caplog):  # noqa: F811
+    import comfyui_likeness.faces.backend_blazeface as bb
     import comfyui_likeness.faces.backend_mediapipe as bm
 
-    def missing():
-        raise faces.errors.FaceBackendMissing("mediapipe is not installed (test)")
+    def missing(*_):
+        raise faces.errors.FaceBackendMissing("not installed (test)")
     monkeypatch.setattr(bm, "import_mediapipe", missing)
     monkeypatch.setattr(bm, "_solutions", {})
+    monkeypatch.setattr(bb, "model_folder", missing)
+    monkeypatch.setattr(bb, "_nets", {})
     with caplog.at_level(logging.WARNING, logger="likeness.faces"):
         result = faces.crop.crop_faces(astronaut, haar, size=128, mask_source="face_oval")
     ellipse = faces.segmentation.ellipse_mask(result.infos[0].box_in_crop, 128)
     assert torch.equal(result.masks[0], ellipse)
-    assert "face_oval needs mediapipe" in caplog.text
+    assert "face_oval needs the face mesh" in caplog.text
 
 
 def test_no_face_policies_on_a_batch(faces, mediapipe, astronaut, coffee, caplog):  # noqa: F811

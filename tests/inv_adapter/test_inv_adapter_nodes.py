@@ -61,7 +61,7 @@ def error_of(messages):
 
 
 def concepts_dir(base_dir):
-    return os.path.join(base_dir, "models", "likeness", "concepts")
+    return os.path.join(base_dir, "models", "likeness_identities")
 
 
 def test_extract_save_load_apply_round_trip(host, base_dir):

@@ -17,7 +17,7 @@ NODE_IDS = ["LikenessPhotoVerseLoader", "LikenessPhotoVerseEncode", "LikenessPho
 
 
 def concepts_dir(base_dir):
-    return os.path.join(base_dir, "models", "likeness", "concepts")
+    return os.path.join(base_dir, "models", "likeness_identities")
 
 
 def sample_graph(concept_node, alpha=1.0, gamma=1.0, sigma=1.0, text="a photo of holder in a garden", prefix="pv_nodes",

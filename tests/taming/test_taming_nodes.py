@@ -70,7 +70,7 @@ def error_of(messages):
 
 
 def concepts(base_dir, *parts):
-    return os.path.join(base_dir, "models", "likeness", "concepts", *parts)
+    return os.path.join(base_dir, "models", "likeness_identities", *parts)
 
 
 @pytest.fixture(scope="module")
