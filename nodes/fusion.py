@@ -1,9 +1,10 @@
-"""Fusion Sampling nodes: the guider, the sampler and the all-in-one KSampler (Fusion)."""
-import comfy.samplers
+"""Fusion Sampling nodes: the guider, the sampler, the all-in-one KSampler (Fusion) and the ProFusion DDIM
+schedule."""
 from comfy_api.latest import io
 
 from ..samplers.fusion_sampler import fusion_ksampler
-from ..samplers.ksampler_fusion import build_guider, ksampler_fusion
+from ..samplers.ksampler_fusion import FUSION_SCHEDULERS, build_guider, ksampler_fusion
+from ..samplers.profusion_schedule import FULL_ST, profusion_ddim_sigmas
 from ..samplers.refine_steps import REFINE_SAMPLERS
 
 CATEGORY = "Likeness/sampling"
@@ -32,8 +33,22 @@ def _sampler_inputs(include_refine_sampler: bool):
     inputs += [
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="fusion starts here"),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip="fusion stops here"),
+        _refine_eta_input(),
     ]
     return inputs
+
+
+def _refine_eta_input():
+    # Optional inputs added after the first release keep older workflow files valid.
+    return io.Float.Input("refine_eta", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                          tooltip="eta of the DDIM refinement step with the euler refinement sampler (ProFusion's "
+                                  "pipeline eta, default 0: deterministic; 1 = euler_ancestral)")
+
+
+def _st_input():
+    return io.Int.Input("st", default=FULL_ST, min=1, max=FULL_ST, optional=True,
+                        tooltip="ProFusion's st: denoising starts at the first step with timestep <= st, from the "
+                                "latent noised to that level (img2img); 1000 runs every step")
 
 
 def _conditioning_inputs():
@@ -70,13 +85,45 @@ class LikenessFusionSampler(io.ComfyNode):
             display_name="Fusion Sampler (Likeness)",
             category=CATEGORY,
             description="Fusion Sampling's step loop; use with the Fusion Guider in SamplerCustomAdvanced.",
-            inputs=_sampler_inputs(include_refine_sampler=True),
+            inputs=[*_sampler_inputs(include_refine_sampler=True),
+                    io.Boolean.Input("profusion_ddim", default=False, optional=True,
+                                     tooltip="the sigmas come from 'ProFusion DDIM Schedule': start from pure noise on "
+                                             "the whole grid and return the latent at the grid's last level, as "
+                                             "ProFusion's official pipeline")],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, fusion_steps, eta, refine, refine_sampler, start_percent, end_percent) -> io.NodeOutput:
-        return io.NodeOutput(fusion_ksampler(fusion_steps, eta, refine, refine_sampler, start_percent, end_percent))
+    def execute(cls, fusion_steps, eta, refine, refine_sampler, start_percent, end_percent, refine_eta=0.0,
+                profusion_ddim=False) -> io.NodeOutput:
+        return io.NodeOutput(fusion_ksampler(fusion_steps, eta, refine, refine_sampler, start_percent, end_percent,
+                                             refine_eta, profusion_ddim))
+
+
+class LikenessProFusionDDIMSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LikenessProFusionDDIMSchedule",
+            display_name="ProFusion DDIM Schedule (Likeness)",
+            category=CATEGORY,
+            description=("The timestep grid of ProFusion's official pipeline (DDIM, T // steps apart, from "
+                         "(steps - 1) * (T // steps) + 1 down to 1, the last step ending at alpha_bar_0) as SIGMAS. "
+                         "Use it with the Fusion Sampler's profusion_ddim on."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="ProFusion's pipeline: 50"),
+                io.Int.Input("st", default=FULL_ST, min=1, max=FULL_ST,
+                             tooltip="keep the steps with timestep <= st (ProFusion's st); 1000 keeps all"),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="as KSampler: the last `steps` of a grid of steps / denoise"),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, steps, st, denoise) -> io.NodeOutput:
+        return io.NodeOutput(profusion_ddim_sigmas(model, steps, st, denoise))
 
 
 class KSamplerFusion(io.ComfyNode):
@@ -93,12 +140,14 @@ class KSamplerFusion(io.ComfyNode):
                 io.Int.Input("steps", default=30, min=1, max=10000),
                 io.Combo.Input("sampler_name", options=list(REFINE_SAMPLERS), default="euler",
                                tooltip="sampler of the refinement step (euler = ProFusion's deterministic DDIM)"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform"),
+                io.Combo.Input("scheduler", options=list(FUSION_SCHEDULERS), default="ddim_uniform",
+                               tooltip="profusion_ddim: ProFusion's official DDIM grid, starting noise and last step"),
                 *_conditioning_inputs(),
                 io.Latent.Input("latent_image"),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
                 *_guidance_inputs(),
                 *_sampler_inputs(include_refine_sampler=False),
+                _st_input(),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -106,10 +155,10 @@ class KSamplerFusion(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, sampler_name, scheduler, negative, fused, concept, context, latent_image,
                 denoise, w_fusion, w_concept, w_context, fusion_steps, eta, refine, start_percent,
-                end_percent) -> io.NodeOutput:
+                end_percent, refine_eta=0.0, st=FULL_ST) -> io.NodeOutput:
         return io.NodeOutput(ksampler_fusion(
             model, seed, steps, sampler_name, scheduler, negative, fused, concept, context, latent_image, denoise,
-            w_fusion, w_concept, w_context, fusion_steps, eta, refine, start_percent, end_percent))
+            w_fusion, w_concept, w_context, fusion_steps, eta, refine, start_percent, end_percent, st, refine_eta))
 
 
-NODES = [LikenessFusionGuider, LikenessFusionSampler, KSamplerFusion]
+NODES = [LikenessFusionGuider, LikenessFusionSampler, KSamplerFusion, LikenessProFusionDDIMSchedule]
