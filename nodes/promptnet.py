@@ -8,6 +8,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..concepts.promptnet_reference import ENCODINGS, encode_reference
 from ..concepts.promptnet_source import PromptNetSource
 from ..folders import safetensors_files
 from ..weights.promptnet_file import check_fits, load_promptnet
@@ -63,23 +64,24 @@ class LikenessPromptNetConcept(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.Model.Input("model", tooltip="the model you sample with (for the latent scale and the check)"),
                 io.Image.Input("image", tooltip="the reference photo (a face crop for the FFHQ PromptNet)"),
+                io.Combo.Input("reference_encoding", options=list(ENCODINGS), default="pack", optional=True,
+                               tooltip="pack: centre crop and the VAE's mean latent; official: ProFusion's pipeline, "
+                                       "resized without a crop and a latent sampled from the VAE (fixed seed)"),
             ],
             outputs=[Concept.Output(display_name="concept")],
         )
 
     @classmethod
-    def execute(cls, promptnet, clip_vision, vae, model, image) -> io.NodeOutput:
+    def execute(cls, promptnet, clip_vision, vae, model, image, reference_encoding="pack") -> io.NodeOutput:
         if not isinstance(promptnet, PromptNetModel):
             raise ValueError("the promptnet input must come from 'PromptNet Loader (ProFusion)'")
         if image.shape[0] != 1:
             raise ValueError(f"PromptNet Concept takes one reference image; got a batch of {image.shape[0]}")
-        tokens = clip_vision.encode_image(image[..., :3], crop=True).last_hidden_state
+        tokens, reference = encode_reference(image, clip_vision, vae, int(promptnet.meta.get("latent_size", 64)),
+                                             reference_encoding)
         check_fits(promptnet.meta, context_dim=model.model.model_config.unet_config.get("context_dim"),
                    vision_width=int(tokens.shape[-1]), name=f"PromptNet '{promptnet.name}'")
-        side = 8 * int(promptnet.meta.get("latent_size", 64))
-        pixels = comfy.utils.common_upscale(image[..., :3].movedim(-1, 1), side, side, "bicubic", "center").movedim(1, -1)
-        reference = vae.encode(pixels)
-        source = PromptNetSource(promptnet.patcher, tokens.float().cpu(), reference.float().cpu(), promptnet.meta)
+        source = PromptNetSource(promptnet.patcher, tokens, reference, promptnet.meta)
         digest = hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest()[:10]
         return io.NodeOutput(source.static_concept(model, f"promptnet:{os.path.splitext(promptnet.name)[0]}:{digest}"))
 

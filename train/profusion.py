@@ -176,21 +176,19 @@ def sample_profusion(base, net, reference_image, steps, model, prompt: str = SAM
     """ProFusion as the nodes run it: PromptNet Concept -> Likeness Prompt -> KSampler (Fusion)."""
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.utils
     import nodes
 
     from ..concepts.prompt_injection import encode_likeness_prompt
+    from ..concepts.promptnet_reference import encode_reference
     from ..concepts.promptnet_source import PromptNetSource
     from ..samplers.ksampler_fusion import ksampler_fusion
 
-    side = 8 * net.latent_size
-    pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), side, side, "bicubic",
-                                        "center").movedim(1, -1)
     patcher = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     meta = {"unet_config": net.unet_config, "vision_width": net.vision_width, "latent_size": net.latent_size}
-    source = PromptNetSource(patcher, vision_tokens(base.clip_vision, reference_image).cpu(),
-                             base.vae.encode(pixels).float().cpu(), meta)
+    with torch.no_grad():
+        tokens, latent = encode_reference(reference_image.float(), base.clip_vision, base.vae, net.latent_size)
+    source = PromptNetSource(patcher, tokens, latent, meta)
     concept = source.static_concept(model, "promptnet:training")
     fused, concept_cond, context = encode_likeness_prompt(base.clip, prompt, concept, "holder", "person", 0.7)
     negative = nodes.CLIPTextEncode().encode(base.clip, "")[0]

@@ -92,6 +92,18 @@ def micro_vae(seed=2):
     return comfy.sd.VAE(sd=sd)
 
 
+def micro_kl_vae(seed=2):
+    """A KL autoencoder (the SD VAE's class, AutoencoderKL with a latent distribution) at micro width: 8x down,
+    4 latent channels. Its posterior has a real variance, unlike TAESD's."""
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    _fill(vae.first_stage_model, seed)
+    return vae
+
+
 def micro_clip_vision(width=32, layers=24, image_size=224, patch=14, projection=16, tmp_dir=None):
     """A ClipVisionModel of the host with the ViT-L/14 layout but a tiny width (24 layers, 257 tokens at 224),
     so layer-index logic (PhotoVerse's layers 24, 4, 8, 12, 16) is exercised. The host wants a JSON path."""
