@@ -4,14 +4,14 @@ import os
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..concepts.promptnet_reference import ENCODINGS, encode_reference
 from ..concepts.promptnet_source import PromptNetSource
 from ..folders import safetensors_files
-from ..weights.promptnet_file import check_fits, load_promptnet
+from ..weights.promptnet_diffusers import load_any_promptnet, promptnet_choices
+from ..weights.promptnet_file import check_fits
 
 PromptNetType = io.Custom("LIKENESS_PROMPTNET")
 Concept = io.Custom("LIKENESS_CONCEPT")
@@ -34,8 +34,11 @@ class LikenessPromptNetLoader(io.ComfyNode):
             node_id="LikenessPromptNetLoader",
             display_name="PromptNet Loader (ProFusion)",
             category=CATEGORY,
-            description="Loads a PromptNet file (models/likeness, safetensors; see scripts/convert_promptnet.py).",
-            inputs=[io.Combo.Input("promptnet_name", options=safetensors_files("likeness"))],
+            description=("Loads a PromptNet from models/likeness: a file of this pack, or ProFusion's own download "
+                         "(its promptnet folder with config.json and diffusion_pytorch_model.bin or .safetensors), "
+                         "converted on first load and cached beside it."),
+            inputs=[io.Combo.Input("promptnet_name", options=promptnet_choices(
+                folder_paths.get_folder_paths("likeness"), safetensors_files("likeness")))],
             outputs=[PromptNetType.Output(display_name="promptnet")],
         )
 
@@ -44,7 +47,7 @@ class LikenessPromptNetLoader(io.ComfyNode):
         path = folder_paths.get_full_path("likeness", promptnet_name)
         if path is None:
             raise ValueError(f"'{promptnet_name}' is not in the likeness model folder ({', '.join(folder_paths.get_folder_paths('likeness'))})")
-        net, meta = load_promptnet(path)
+        net, meta = load_any_promptnet(path, promptnet_name)
         return io.NodeOutput(PromptNetModel(net, meta, promptnet_name))
 
 
