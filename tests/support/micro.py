@@ -52,6 +52,22 @@ def micro_model(v_prediction=False, seed=0, context=CONTEXT):
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def micro_inpaint_model(seed=6):
+    """An SD1.5-architecture inpainting UNet at micro size: 9 input channels (latent, mask, masked image), the host's
+    inpainting conditioning (concat_keys mask / masked_image), as SD-2-inpainting and sd-v1-5-inpainting are built."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15({**unet_config(), "in_channels": 9})
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    model.set_inpaint()
+    _fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def micro_clip(seed=1, width=CONTEXT, embedding_directory=None):
     import comfy.sd
     import comfy.sd1_clip
