@@ -252,3 +252,22 @@ def test_schedule_refuses_models_off_the_ddpm_grid(lib):
     assert lib["schedule"].official_timesteps(30)[:2] == [958, 925]
     with pytest.raises(ValueError, match="steps must be"):
         lib["schedule"].official_timesteps(0)
+
+
+def test_schedule_node_with_samplercustomadvanced_equals_ksampler_fusion(lib, model, c):
+    """ProFusion DDIM Schedule -> Fusion Sampler (profusion_ddim on) -> the host's SamplerCustomAdvanced gives
+    KSampler (Fusion) with scheduler profusion_ddim, for a whole grid and for one cut by st."""
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+    from comfyui_likeness.nodes import fusion as nodes
+
+    latent = empty_latent(seed=2)
+    for st in (1000, 600):
+        sigmas = nodes.LikenessProFusionDDIMSchedule.execute(model, 6, st, 1.0).result[0]
+        sampler = nodes.LikenessFusionSampler.execute(1, 1.0, True, "euler", 0.0, 1.0, 0.2, True).result[0]
+        guider = nodes.LikenessFusionGuider.execute(model, c["negative"], c["fused"], c["concept"], c["context"],
+                                                    *W).result[0]
+        custom = SamplerCustomAdvanced.execute(Noise_RandomNoise(4), guider, sampler, sigmas, latent).result[0]
+        ks = lib["ks"].ksampler_fusion(model, 4, 6, "euler", "profusion_ddim", c["negative"], c["fused"], c["concept"],
+                                       c["context"], latent, 1.0, *W, 1, 1.0, True, 0.0, 1.0, st=st, refine_eta=0.2)
+        assert torch.allclose(custom["samples"], ks["samples"], atol=1e-6, rtol=1e-6), st
+    assert len(nodes.LikenessProFusionDDIMSchedule.execute(model, 6, 600, 1.0).result[0]) < 7
