@@ -13,17 +13,20 @@ CATEGORY = "Likeness/sampling"
 def _guidance_inputs():
     return [
         io.Float.Input("w_fusion", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                       tooltip="guidance of the fused condition in the fusion stage (w_f)"),
+                       tooltip="guidance of the fused condition in the fusion stage (w_f; ProFusion's pipeline 3, its notebook 7)"),
         io.Float.Input("w_concept", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                       tooltip="guidance of the concept condition in the refinement stage (w1)"),
+                       tooltip="guidance of the concept condition in the refinement stage (w1; ProFusion's pipeline 5, its notebook 7)"),
         io.Float.Input("w_context", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                       tooltip="guidance of the context (class word) condition in the refinement stage (w2); 0 skips it"),
+                       tooltip="guidance of the context (class word) condition in the refinement stage (w2; ProFusion's pipeline "
+                               "0, its notebook 5); 0 skips it"),
     ]
 
 
 def _sampler_inputs(include_refine_sampler: bool):
     inputs = [
-        io.Int.Input("fusion_steps", default=1, min=0, max=10, tooltip="m: fusion repeats per step; 0 = independent conditions only"),
+        io.Int.Input("fusion_steps", default=1, min=0, max=10,
+                     tooltip="m: fusion repeats per step (the paper: 1; ProFusion's pipeline default 0); 0 = "
+                             "independent conditions only"),
         io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="stochasticity of the fusion re-noise"),
         io.Boolean.Input("refine", default=True, tooltip="run the refinement stage after the fusion stage"),
     ]

@@ -39,8 +39,13 @@ def is_promptnet_folder(folder: str) -> bool:
 
 def find_promptnet_folders(root: str) -> list[str]:
     """Every diffusers PromptNet folder under root (a whole pipeline folder holds one in promptnet/)."""
-    found = []
+    found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:          # a linked folder seen before (or a link loop)
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if "config.json" in files and is_promptnet_folder(folder):
             found.append(folder)

@@ -195,6 +195,9 @@ def test_start_noise_and_st(lib, model, c):
     assert torch.allclose(img[0][0], (scaled + sigma * noise) / math.sqrt(1 + sigma ** 2), atol=1e-5)
     with pytest.raises(ValueError, match="st = 0|st must be"):
         lib["schedule"].profusion_ddim_sigmas(model, 5, 0)
+    # denoise as KSampler means it: the last 4 steps of the 8-step official grid
+    half = lib["schedule"].profusion_ddim_sigmas(model, 4, denoise=0.5)
+    assert [int(t) for t in ms.timestep(half[:-1])] == [376, 251, 126, 1]
     # st with a host scheduler cuts the same way
     host = first_unet_input(model, lambda p: lib["ks"].ksampler_fusion(
         p, 9, 6, "euler", "normal", c["negative"], c["fused"], c["concept"], c["context"], latent, 1.0, *W,
