@@ -277,15 +277,13 @@ def make_views(image: torch.Tensor, count: int, size: int, seed: int = 0, box_ma
                fill: str = "mean", outpainter=None) -> torch.Tensor:
     """augment_views, then the emptied area outpainted (outpainter: train/outpaint.py, as ProFusion does) or,
     without one, filled (fill_views). image (H, W, 3) -> (count + 1, size, size, 3)."""
-    if fill not in ("mean", "black"):
-        raise ValueError(f"fill must be 'mean' or 'black' (got {fill!r})")
     views, visible = augment_views(image, count, size, seed, box_mask)
     if outpainter is not None:
         return outpainter(views, visible, seed)
     if count:
         log.info("Likeness ProFusion fine-tuning: no inpainting model given, so the area the augmentation emptied is "
-                 "filled with the %s colour instead of outpainted (ProFusion outpaints it with SD-2-inpainting)",
-                 "mean" if fill == "mean" else "black")
+                 "filled (%s) instead of outpainted (ProFusion outpaints it with SD-2-inpainting)",
+                 "with the mean colour" if fill == "mean" else "black")
     return fill_views(views, visible, fill)
 
 
