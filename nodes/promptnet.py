@@ -4,13 +4,14 @@ import os
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..concepts.promptnet_reference import ENCODINGS, encode_reference
 from ..concepts.promptnet_source import PromptNetSource
 from ..folders import safetensors_files
-from ..weights.promptnet_file import check_fits, load_promptnet
+from ..weights.promptnet_diffusers import load_any_promptnet, promptnet_choices
+from ..weights.promptnet_file import check_fits
 
 PromptNetType = io.Custom("LIKENESS_PROMPTNET")
 Concept = io.Custom("LIKENESS_CONCEPT")
@@ -33,8 +34,11 @@ class LikenessPromptNetLoader(io.ComfyNode):
             node_id="LikenessPromptNetLoader",
             display_name="PromptNet Loader (ProFusion)",
             category=CATEGORY,
-            description="Loads a PromptNet file (models/likeness, safetensors; see scripts/convert_promptnet.py).",
-            inputs=[io.Combo.Input("promptnet_name", options=safetensors_files("likeness"))],
+            description=("Loads a PromptNet from models/likeness: a file of this pack, or ProFusion's own download "
+                         "(its promptnet folder with config.json and diffusion_pytorch_model.bin or .safetensors), "
+                         "converted on first load and cached beside it."),
+            inputs=[io.Combo.Input("promptnet_name", options=promptnet_choices(
+                folder_paths.get_folder_paths("likeness"), safetensors_files("likeness")))],
             outputs=[PromptNetType.Output(display_name="promptnet")],
         )
 
@@ -43,7 +47,7 @@ class LikenessPromptNetLoader(io.ComfyNode):
         path = folder_paths.get_full_path("likeness", promptnet_name)
         if path is None:
             raise ValueError(f"'{promptnet_name}' is not in the likeness model folder ({', '.join(folder_paths.get_folder_paths('likeness'))})")
-        net, meta = load_promptnet(path)
+        net, meta = load_any_promptnet(path, promptnet_name)
         return io.NodeOutput(PromptNetModel(net, meta, promptnet_name))
 
 
@@ -63,23 +67,24 @@ class LikenessPromptNetConcept(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.Model.Input("model", tooltip="the model you sample with (for the latent scale and the check)"),
                 io.Image.Input("image", tooltip="the reference photo (a face crop for the FFHQ PromptNet)"),
+                io.Combo.Input("reference_encoding", options=list(ENCODINGS), default="pack", optional=True,
+                               tooltip="pack: centre crop and the VAE's mean latent; official: ProFusion's pipeline, "
+                                       "resized without a crop and a latent sampled from the VAE (fixed seed)"),
             ],
             outputs=[Concept.Output(display_name="concept")],
         )
 
     @classmethod
-    def execute(cls, promptnet, clip_vision, vae, model, image) -> io.NodeOutput:
+    def execute(cls, promptnet, clip_vision, vae, model, image, reference_encoding="pack") -> io.NodeOutput:
         if not isinstance(promptnet, PromptNetModel):
             raise ValueError("the promptnet input must come from 'PromptNet Loader (ProFusion)'")
         if image.shape[0] != 1:
             raise ValueError(f"PromptNet Concept takes one reference image; got a batch of {image.shape[0]}")
-        tokens = clip_vision.encode_image(image[..., :3], crop=True).last_hidden_state
+        tokens, reference = encode_reference(image, clip_vision, vae, int(promptnet.meta.get("latent_size", 64)),
+                                             reference_encoding)
         check_fits(promptnet.meta, context_dim=model.model.model_config.unet_config.get("context_dim"),
                    vision_width=int(tokens.shape[-1]), name=f"PromptNet '{promptnet.name}'")
-        side = 8 * int(promptnet.meta.get("latent_size", 64))
-        pixels = comfy.utils.common_upscale(image[..., :3].movedim(-1, 1), side, side, "bicubic", "center").movedim(1, -1)
-        reference = vae.encode(pixels)
-        source = PromptNetSource(promptnet.patcher, tokens.float().cpu(), reference.float().cpu(), promptnet.meta)
+        source = PromptNetSource(promptnet.patcher, tokens, reference, promptnet.meta)
         digest = hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest()[:10]
         return io.NodeOutput(source.static_concept(model, f"promptnet:{os.path.splitext(promptnet.name)[0]}:{digest}"))
 

@@ -3,7 +3,10 @@
 ProFusion refines with deterministic DDIM (eta = 0), which in sigma form is exactly an Euler step (docs/methods/fusion-sampling.md,
 PF5). Because the fusion stage replaces x by x_tilde at every step, only samplers whose state is the current x
 (plus, for DPM++ 2M, the previous denoised estimate) make sense here; each follows the formulas of k-diffusion's
-sampler of the same name so that, with fusion off, the result matches the host's sampler.
+sampler of the same name so that, with fusion off, the result matches the host's sampler. The euler step takes
+DDIM's stochasticity eta (ProFusion's pipeline `eta`, 0 by default): eta = 0 is the plain Euler step, eta > 0 the
+ancestral step with that eta, which is DDIM's step with sigma_t = eta * sqrt(beta_tilde) in sigma form
+(docs/methods/fusion-sampling.md).
 """
 import torch
 
@@ -12,22 +15,31 @@ from .fusion_math import ancestral_sigmas
 REFINE_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
 
 
+def check_refine_eta(name: str, eta: float):
+    if name not in REFINE_SAMPLERS:
+        raise ValueError(f"refinement sampler '{name}' is not supported; choose one of {', '.join(REFINE_SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"refine_eta must be between 0 and 1 (got {eta})")
+    if eta > 0.0 and name != "euler":
+        raise ValueError(f"refine_eta is the eta of the DDIM refinement step: use it with the euler refinement sampler "
+                         f"(got {name}; euler_ancestral is eta 1, heun and dpmpp_2m are deterministic)")
+
+
 class RefineStepper:
     """Advances x_tilde (at sigma) to sigma_next given the refinement-guided denoised estimate."""
 
-    def __init__(self, name: str, eta: float = 1.0):
-        if name not in REFINE_SAMPLERS:
-            raise ValueError(f"refinement sampler '{name}' is not supported; choose one of {', '.join(REFINE_SAMPLERS)}")
+    def __init__(self, name: str, eta: float = 0.0):
+        check_refine_eta(name, eta)
         self.name = name
-        self.eta = eta
+        self.eta = 1.0 if name == "euler_ancestral" else float(eta)
         self._old_denoised = None
         self._old_sigma = None
 
     def step(self, x, denoised, sigma: float, sigma_next: float, evaluate, noise_sampler):
         """evaluate(x, sigma) -> denoised at another point (Heun's corrector); noise_sampler(s, s_next) -> noise."""
-        if self.name == "euler":
+        if self.name == "euler" and self.eta == 0.0:
             out = x + (x - denoised) / sigma * (sigma_next - sigma)
-        elif self.name == "euler_ancestral":
+        elif self.name in ("euler", "euler_ancestral"):
             down, up = ancestral_sigmas(sigma, sigma_next, self.eta)
             out = x + (x - denoised) / sigma * (down - sigma)
             if sigma_next > 0 and up > 0:

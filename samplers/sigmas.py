@@ -27,3 +27,18 @@ def percent_sigma_window(model_patcher, start_percent: float, end_percent: float
     high = float("inf") if start_percent <= 0.0 else float(ms.percent_to_sigma(start_percent))
     low = 0.0 if end_percent >= 1.0 else float(ms.percent_to_sigma(end_percent))
     return high, low
+
+
+def start_at_timestep(model_patcher, sigmas: torch.Tensor, st: int) -> torch.Tensor:
+    """Drop the leading steps whose timestep is above st (ProFusion's `st`: denoising starts at t <= st); the run
+    then noises the latent to the first kept sigma, as img2img does. st = 1000 keeps every step."""
+    if st >= 1000:
+        return sigmas
+    if st < 1:
+        raise ValueError(f"st must be between 1 and 1000 (got {st})")
+    ms = model_patcher.get_model_object("model_sampling")
+    t = ms.timestep(sigmas[:-1].float()).float().reshape(-1)
+    kept = (t <= st).nonzero()
+    if kept.numel() == 0:
+        raise ValueError(f"st = {st} is below every timestep of this schedule (the lowest is {float(t[-1]):.0f}); raise st")
+    return sigmas[int(kept[0]):]

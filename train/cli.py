@@ -41,7 +41,8 @@ def build_trainer(config, base):
         images = [load_image(r.path) for r in records()]
         size = 8 * net.latent_size
         if len(images) == 1:
-            views = make_views(images[0], int(o.get("views", 31)), size, config.seed, bool(o.get("box_mask", True)))
+            views = make_views(images[0], int(o.get("views", 31)), size, config.seed, bool(o.get("box_mask", True)),
+                               outpainter=outpainter_from_options(o, base))
         else:
             views = torch.stack([square_resize(im, size)[0] for im in images])
         return PromptNetFineTuner(base, net, meta, views, o, config.seed)
@@ -55,6 +56,22 @@ def build_trainer(config, base):
         from .photoverse import PhotoVerseTrainer
         return PhotoVerseTrainer(base, o, records(), config)
     raise ValueError(f"unknown method {method!r}: one of promptnet, promptnet_finetune, inv_adapter, taming, photoverse")
+
+
+def outpainter_from_options(o: dict, base):
+    """options.inpaint_checkpoint (an inpainting checkpoint, e.g. SD-2-inpainting) -> the outpainter of ProFusion's
+    augmentation, with that checkpoint's own text encoder and VAE; none given -> None (mean-colour fill)."""
+    path = o.get("inpaint_checkpoint")
+    if not path:
+        return None
+    from .base_models import load_base_models
+    from .outpaint import PROMPT, Outpainter
+
+    inpaint = load_base_models(path)
+    outpainter = Outpainter(inpaint.model, inpaint.clip, inpaint.vae, int(o.get("outpaint_steps", 50)),
+                            o.get("outpaint_prompt", PROMPT.format(subject=o.get("outpaint_subject", "person"))))
+    outpainter.check(base.model.model.model_config.unet_config.get("context_dim"))
+    return outpainter
 
 
 def parse(argv):

@@ -176,21 +176,19 @@ def sample_profusion(base, net, reference_image, steps, model, prompt: str = SAM
     """ProFusion as the nodes run it: PromptNet Concept -> Likeness Prompt -> KSampler (Fusion)."""
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.utils
     import nodes
 
     from ..concepts.prompt_injection import encode_likeness_prompt
+    from ..concepts.promptnet_reference import encode_reference
     from ..concepts.promptnet_source import PromptNetSource
     from ..samplers.ksampler_fusion import ksampler_fusion
 
-    side = 8 * net.latent_size
-    pixels = comfy.utils.common_upscale(reference_image[..., :3].movedim(-1, 1), side, side, "bicubic",
-                                        "center").movedim(1, -1)
     patcher = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     meta = {"unet_config": net.unet_config, "vision_width": net.vision_width, "latent_size": net.latent_size}
-    source = PromptNetSource(patcher, vision_tokens(base.clip_vision, reference_image).cpu(),
-                             base.vae.encode(pixels).float().cpu(), meta)
+    with torch.no_grad():
+        tokens, latent = encode_reference(reference_image.float(), base.clip_vision, base.vae, net.latent_size)
+    source = PromptNetSource(patcher, tokens, latent, meta)
     concept = source.static_concept(model, "promptnet:training")
     fused, concept_cond, context = encode_likeness_prompt(base.clip, prompt, concept, "holder", "person", 0.7)
     negative = nodes.CLIPTextEncode().encode(base.clip, "")[0]
@@ -231,21 +229,17 @@ def _slot(key: str) -> str:
     return key.replace(".", "__")
 
 
-def make_views(image: torch.Tensor, count: int, size: int, seed: int = 0, box_mask: bool = True,
-               fill: str = "mean") -> torch.Tensor:
-    """ProFusion's mini-dataset from one photo (docs/methods/promptnet.md): the photo itself plus `count` views, each a
-    square crop resized to size, randomly mirrored, multiplied by the fixed face-box mask (rows 30-460, columns
-    100-400 of 512), then a RandomAffine (rotation +-10 degrees, translation 20 %, scale 0.6-1.0).
-    ProFusion outpaints the emptied area with SD-2-inpainting; here it is filled with the mean colour of the
-    visible pixels ('mean') or left black ('black'). A batch of already outpainted views can be given instead.
-    image (H, W, 3) -> (count + 1, size, size, 3)."""
+def augment_views(image: torch.Tensor, count: int, size: int, seed: int = 0,
+                  box_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProFusion's mini-dataset from one photo before filling (docs/training.md): the photo itself plus `count`
+    views, each a square crop resized to size, randomly mirrored, multiplied by the fixed face-box mask (rows
+    30-460, columns 100-400 of 512), then a RandomAffine (rotation +-10 degrees, translation 20 %, scale 0.6-1.0).
+    image (H, W, 3) -> (views (count + 1, size, size, 3) with the emptied area black, visible (count + 1, size, size, 1))."""
     from .data import square_resize
 
-    if fill not in ("mean", "black"):
-        raise ValueError(f"fill must be 'mean' or 'black' (got {fill!r})")
     g = torch.Generator().manual_seed(int(seed))
     base, _ = square_resize(image.float(), size)
-    views = [base]
+    views, visible = [base], [torch.ones(size, size, 1)]
     mask = torch.zeros(size, size)
     if box_mask:
         r0, r1, c0, c1 = (round(v * size / 512) for v in (30, 460, 100, 400))
@@ -264,12 +258,33 @@ def make_views(image: torch.Tensor, count: int, size: int, seed: int = 0, box_ma
         chw = torch.cat([x, mask[..., None]], -1).permute(2, 0, 1)[None]
         grid = F.affine_grid(theta, list(chw.shape), align_corners=False)
         warped = F.grid_sample(chw, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        rgb, visible = warped[:3].permute(1, 2, 0), warped[3:].permute(1, 2, 0)
-        if fill == "mean":
-            colour = (rgb * visible).sum((0, 1)) / visible.sum().clamp_min(1.0)
-            rgb = rgb + (1.0 - visible) * colour
-        views.append(rgb.clamp(0, 1))
-    return torch.stack(views)
+        views.append(warped[:3].permute(1, 2, 0).clamp(0, 1))
+        visible.append(warped[3:].permute(1, 2, 0).clamp(0, 1))
+    return torch.stack(views), torch.stack(visible)
+
+
+def fill_views(views: torch.Tensor, visible: torch.Tensor, fill: str = "mean") -> torch.Tensor:
+    """The emptied area filled with the mean colour of each view's visible pixels ('mean') or left black."""
+    if fill not in ("mean", "black"):
+        raise ValueError(f"fill must be 'mean' or 'black' (got {fill!r})")
+    if fill == "black":
+        return views
+    colour = (views * visible).sum((1, 2), keepdim=True) / visible.sum((1, 2), keepdim=True).clamp_min(1.0)
+    return (views + (1.0 - visible) * colour).clamp(0, 1)
+
+
+def make_views(image: torch.Tensor, count: int, size: int, seed: int = 0, box_mask: bool = True,
+               fill: str = "mean", outpainter=None) -> torch.Tensor:
+    """augment_views, then the emptied area outpainted (outpainter: train/outpaint.py, as ProFusion does) or,
+    without one, filled (fill_views). image (H, W, 3) -> (count + 1, size, size, 3)."""
+    views, visible = augment_views(image, count, size, seed, box_mask)
+    if outpainter is not None:
+        return outpainter(views, visible, seed)
+    if count:
+        log.info("Likeness ProFusion fine-tuning: no inpainting model given, so the area the augmentation emptied is "
+                 "filled (%s) instead of outpainted (ProFusion outpaints it with SD-2-inpainting)",
+                 "with the mean colour" if fill == "mean" else "black")
+    return fill_views(views, visible, fill)
 
 
 class ViewsDataset(torch.utils.data.Dataset):
@@ -291,6 +306,7 @@ class PromptNetFineTuner(PromptNetPretrainer):
 
     name = "promptnet_finetune"
     file_name = "promptnet_finetuned.safetensors"
+    lora_file_name = "promptnet_finetuned_lora.safetensors"
     default_learning_rate = 2e-5
 
     def __init__(self, base, promptnet: PromptNet, meta: dict, views: torch.Tensor, options=None, seed: int = 0):
@@ -344,14 +360,18 @@ class PromptNetFineTuner(PromptNetPretrainer):
         return {"x_t": x_t.to(device), "sigma": sigma.to(device), "noise": noise.to(device),
                 "reference": latents[picks].to(device), "tokens": tokens[picks].to(device), "t": t}
 
+    def weight_deltas(self, module=None) -> dict:
+        """{host weight key: dW}: the learned changes of the UNet's attention q/k/v."""
+        deltas = (module or self.module).deltas
+        return {k.replace("__", "."): v.detach().float().cpu().clone() for k, v in deltas.items()}
+
     def weight_patches(self, module=None) -> dict:
         """{host weight key: (dW,)}: the learned changes as add_patches 'diff' patches."""
-        deltas = (module or self.module).deltas
-        return {k.replace("__", "."): (v.detach().float().cpu().clone(),) for k, v in deltas.items()}
+        return {k: (v,) for k, v in self.weight_deltas(module).items()}
 
-    def patched_model(self, module=None):
+    def patched_model(self, module=None, patches=None):
         m = self.base.model.clone()
-        patches = self.weight_patches(module)
+        patches = self.weight_patches(module) if patches is None else patches
         if patches:
             added = m.add_patches(patches, strength_patch=1.0)
             if len(added) != len(patches):
@@ -363,19 +383,21 @@ class PromptNetFineTuner(PromptNetPretrainer):
         return net.eval().requires_grad_(False)
 
     def export(self, directory: str, module=None) -> str:
+        """The tuned PromptNet (PromptNet Loader) and, when the UNet attention was tuned, its changes as a LoRA file
+        beside it (<name>_lora.safetensors, for LoraLoaderModelOnly; options.lora_rank 0 = exact)."""
+        from ..weights.lora_file import lora_state_dict, save_lora
         from ..weights.promptnet_file import save_promptnet
-        from ..weights.safetensors_file import save_file
 
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, self.file_name)
         save_promptnet(path, self.tuned_promptnet(module), extra={"origin": "fine-tuned",
                                                                   "training": self.hyperparameters()})
-        patches = self.weight_patches(module)
-        if patches:
-            save_file(os.path.join(directory, "unet_attention_deltas.safetensors"),
-                      {k: v[0] for k, v in patches.items()}, "likeness.weight_deltas", 1,
-                      {"method": "ProFusion test-time fine-tuning", "applies_to": "diffusion_model attention to_q/k/v",
-                       "base_model": self.base.name})
+        deltas = self.weight_deltas(module)
+        if deltas:
+            save_lora(os.path.join(directory, self.lora_file_name),
+                      lora_state_dict(deltas, int(self.option("lora_rank", 0))),
+                      {"method": "ProFusion test-time fine-tuning", "applies_to": "UNet attention to_q/to_k/to_v",
+                       "base_model": self.base.name, "promptnet": self.file_name})
         return path
 
     def hyperparameters(self) -> dict:
@@ -392,13 +414,14 @@ class PromptNetFineTuner(PromptNetPretrainer):
 
 def finetune_promptnet(model, clip, vae, clip_vision, promptnet, meta: dict, image: torch.Tensor, steps: int = 100,
                        batch_size: int = 4, learning_rate: float = 2e-5, views: int = 31, seed: int = 0,
-                       train_unet_qkv: bool = True, box_mask: bool = True, progress=None):
+                       train_unet_qkv: bool = True, box_mask: bool = True, progress=None, outpainter=None):
     """ProFusion's test-time fine-tuning in one call (the node's library function).
 
-    image: IMAGE (1, H, W, C) -> `views` augmented views plus the photo; or (N, H, W, C) with N > 1 -> used as
-    the views as they are (e.g. outpainted with an inpainting model first, as ProFusion does).
-    Returns (MODEL clone with the attention deltas as weight patches, tuned PromptNet module, losses).
-    The input model, CLIP, VAE and PromptNet are left as they were."""
+    image: IMAGE (1, H, W, C) -> `views` augmented views plus the photo, the emptied area outpainted by
+    `outpainter` (train/outpaint.py) or, without one, filled with the mean colour; or (N, H, W, C) with N > 1 ->
+    used as the views as they are.
+    Returns (MODEL clone with the attention changes as weight patches, tuned PromptNet module, losses,
+    {UNet weight key: dW}). The input model, CLIP, VAE and PromptNet are left as they were."""
     from ..weights.promptnet_file import check_fits
     from .base_models import BaseModels
     from .data import square_resize
@@ -415,21 +438,26 @@ def finetune_promptnet(model, clip, vae, clip_vision, promptnet, meta: dict, ima
     check_fits(meta, context_dim=model.model.model_config.unet_config.get("context_dim"),
                vision_width=vision_width(clip_vision), name="the PromptNet")
     check_trainable_model(model)
+    if outpainter is not None:
+        outpainter.check(model.model.model_config.unet_config.get("context_dim"))
     size = 8 * promptnet.latent_size
     with torch.inference_mode(False):
         pixels = fresh(image[..., :3]).float().cpu()
-        if pixels.shape[0] == 1:
-            view_set = make_views(pixels[0], views, size, seed, box_mask=box_mask)
-        else:
-            view_set = torch.stack([square_resize(p, size)[0] for p in pixels])
+    if pixels.shape[0] == 1:
+        view_set = make_views(pixels[0], views, size, seed, box_mask=box_mask, outpainter=outpainter)
+    else:
+        view_set = torch.stack([square_resize(p, size)[0] for p in pixels])
+    with torch.inference_mode(False):
+        view_set = fresh(view_set).float().cpu()
     tuner = PromptNetFineTuner(BaseModels(model, clip, vae, clip_vision), promptnet, meta, view_set,
                                {"train_unet_qkv": bool(train_unet_qkv)}, seed)
     with gradients_on():  # the node runs under inference mode: new weights must be normal tensors
         try:
             tuner.setup()
             losses = train_local(tuner, steps, batch_size, learning_rate, seed, progress=progress)
-            patched, net = tuner.patched_model(), tuner.tuned_promptnet()
+            deltas = tuner.weight_deltas()
+            patched, net = tuner.patched_model(patches={k: (v,) for k, v in deltas.items()}), tuner.tuned_promptnet()
         finally:
             tuner.close()
     log.info("Likeness PromptNet fine-tuning: %d steps, loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
-    return patched, net, losses
+    return patched, net, losses, deltas

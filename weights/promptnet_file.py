@@ -8,8 +8,8 @@ ProFusion's checkpoint (drboog/ProFusion, diffusers/src/diffusers/models/promptn
 folder: config.json plus weights in diffusers naming (conv_in, time_embedding, down_blocks.*, mid_block.*,
 promptnet_cond_embedding.*, vision_embedding, first_prompt_projection, down_prompt_projections.*,
 mid_prompt_projection, region_prompt_output; residual_projections* are multiplied by zero there and dropped here).
-The published weights are pickled .bin files, which this pack never loads: convert them to
-diffusion_pytorch_model.safetensors with diffusers first (see README), then run scripts/convert_promptnet.py.
+The published weights are pickled .bin files: weights/promptnet_diffusers.py reads them through the host's
+restricted (weights-only) loader and converts them on load; scripts/convert_promptnet.py does the same offline.
 """
 import logging
 
@@ -34,12 +34,16 @@ def portable_config(unet_config: dict) -> dict:
     return {k: unet_config[k] for k in CONFIG_KEYS if k in unet_config}
 
 
-def save_promptnet(path: str, net: PromptNet, base_model: str = "", extra: dict | None = None):
-    meta = {"method": "ProFusion PromptNet", "base_model": base_model or FAMILIES.get(net.unet_config["context_dim"], ""),
+def promptnet_meta(net: PromptNet, base_model: str = "", extra: dict | None = None) -> dict:
+    """The metadata a PromptNet file carries (and a loaded PromptNet is described by)."""
+    return {"method": "ProFusion PromptNet", "base_model": base_model or FAMILIES.get(net.unet_config["context_dim"], ""),
             "unet_config": portable_config(net.unet_config), "vision_width": net.vision_width,
             "prompt_width": net.prompt_width, "latent_size": net.latent_size, "region_channels": net.region_channels,
             **(extra or {})}
-    return save_file(path, net.state_dict(), FORMAT, VERSION, meta)
+
+
+def save_promptnet(path: str, net: PromptNet, base_model: str = "", extra: dict | None = None):
+    return save_file(path, net.state_dict(), FORMAT, VERSION, promptnet_meta(net, base_model, extra))
 
 
 def build_from_metadata(meta: dict, path: str = "file") -> PromptNet:

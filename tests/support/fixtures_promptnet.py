@@ -27,11 +27,25 @@ def random_standin_promptnet(seed=0):
     return net.eval()
 
 
-DIFFUSERS_CONFIG = {"block_out_channels": [32, 64], "layers_per_block": 1,
-                    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
-                    "cross_attention_dim": 64, "attention_head_dim": 8, "use_linear_projection": False,
-                    "prompt_channel": 64, "region_proj_channel": 16, "region_kernel_size": 4, "sample_size": 8,
-                    "in_channels": 4}
+# config.json of a PromptNet as ProFusion's code writes it (diffusers save_pretrained of PromptNetModel, every
+# constructor argument plus _class_name and _diffusers_version), at micro widths: SD2's four levels and linear
+# projections, so ProFusion's own kernel rule (first projection max(2^(levels-1), 8)) holds as for SD2.
+DIFFUSERS_CONFIG = {
+    "_class_name": "PromptNetModel", "_diffusers_version": "0.15.0.dev0", "act_fn": "silu",
+    "attention_head_dim": [2, 2, 4, 4], "block_out_channels": [32, 32, 64, 64], "center_input_sample": False,
+    "class_embed_type": None, "conv_in_kernel": 3, "cross_attention_dim": 64,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 1, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": None, "prompt_channel": 64, "region_kernel_size": 1,
+    "region_proj_channel": 16, "res_block_out_channels": [32, 32, 64, 64], "resnet_time_scale_shift": "default",
+    "sample_size": 8, "time_cond_proj_dim": None, "time_embedding_type": "positional", "timestep_post_act": None,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": False, "use_clip_vision_embeds": True, "use_linear_projection": True, "use_res": True,
+    "with_noise": True,
+}
+VISION_WIDTH = 32   # ProFusion's OpenCLIP ViT-H gives 1280; the micro CLIP vision 32
 
 
 def micro_promptnet(seed=0, vision_width=32):
@@ -46,32 +60,49 @@ def micro_promptnet(seed=0, vision_width=32):
 
 
 class DiffusersPromptNet(torch.nn.Module):
-    """ProFusion's PromptNet forward written with diffusers' own blocks and ProFusion's parameter names."""
+    """ProFusion's PromptNet (its promptnet.py) rebuilt with diffusers' own blocks and ProFusion's parameter names and
+    construction rules, residual heads included: the reference forward and the source of official-layout files."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, config=None, vision_width=VISION_WIDTH):
         from diffusers import UNet2DConditionModel
 
         super().__init__()
-        c = DIFFUSERS_CONFIG
+        c = config or DIFFUSERS_CONFIG
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, down_block_types=tuple(c["down_block_types"]),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=tuple(c["block_out_channels"]),
-                                    layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+        ch, res, r = c["block_out_channels"], c["res_block_out_channels"], c["region_proj_channel"]
+        unet = UNet2DConditionModel(sample_size=c["sample_size"], in_channels=4, out_channels=4,
+                                    down_block_types=tuple(c["down_block_types"]), up_block_types=tuple(c["up_block_types"]),
+                                    block_out_channels=tuple(ch), layers_per_block=c["layers_per_block"],
+                                    cross_attention_dim=c["cross_attention_dim"], attention_head_dim=c["attention_head_dim"],
+                                    use_linear_projection=c["use_linear_projection"], norm_num_groups=c["norm_num_groups"])
         self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
         self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
-        ch, r = c["block_out_channels"], c["region_proj_channel"]
         self.promptnet_cond_embedding = torch.nn.ModuleDict({"conv_in": torch.nn.Conv2d(4, ch[0], 3, padding=1),
                                                              "conv_out": torch.nn.Conv2d(ch[0], ch[0], 3, padding=1)})
-        self.vision_embedding = torch.nn.Linear(32, 64)
-        self.first_prompt_projection = torch.nn.Conv2d(ch[0], r, 2, stride=2)   # 8x8 -> 4x4
-        self.down_prompt_projections = torch.nn.ModuleList([torch.nn.Conv2d(ch[0], r, 1), torch.nn.Conv2d(ch[1], r, 1)])
-        self.mid_prompt_projection = torch.nn.Conv2d(ch[1], r, 1)
-        self.region_prompt_output = torch.nn.Conv2d(4 * r, c["prompt_channel"], 4, stride=4)
-        self.residual_projections = torch.nn.ModuleList([torch.nn.Conv2d(ch[0], ch[0], 1)])  # unused by ProFusion
+        self.vision_embedding = torch.nn.Linear(vision_width, c["cross_attention_dim"])
+        # ProFusion's kernel rule: max(2^(levels - 1), 8) for conv_in's output, halved after every downsampling block
+        size = max(2 ** (len(ch) - 1), 8)
+        self.first_prompt_projection = torch.nn.Conv2d(ch[0], r, size, stride=size)
+        self.down_prompt_projections = torch.nn.ModuleList()
+        self.residual_projections = torch.nn.ModuleList([torch.nn.Conv2d(ch[0], res[0], 1)])
+        self.residual_projections_2 = torch.nn.ModuleList([torch.nn.Conv2d(res[0], res[0], 1, bias=False)])
+        for i, out in enumerate(ch):
+            final = i == len(ch) - 1
+            size = size if final else size // 2
+            self.down_prompt_projections.append(torch.nn.Conv2d(out, r, size, stride=size))
+            for _ in range(c["layers_per_block"] + (0 if final else 1)):
+                self.residual_projections.append(torch.nn.Conv2d(out, res[i], 1))
+                self.residual_projections_2.append(torch.nn.Conv2d(res[i], res[i], 1, bias=False))
+        self.mid_prompt_projection = torch.nn.Conv2d(ch[-1], r, size, stride=size)
+        self.mid_residual_projection = torch.nn.Conv2d(ch[-1], res[-1], 1)
+        self.mid_residual_projection_2 = torch.nn.Conv2d(res[-1], res[-1], 1, bias=False)
+        k = c["region_kernel_size"]
+        self.region_prompt_output = torch.nn.Conv2d((len(ch) + 2) * r, c["prompt_channel"], k, stride=k)
         for p in self.parameters():
             torch.nn.init.normal_(p, std=0.05)
 
     def forward(self, reference, x_t, t, tokens):
+        """S* as ProFusion's forward computes it (its residual outputs are multiplied by zero there: left out)."""
         emb = self.time_embedding(self.time_proj(t))
         h = self.conv_in(reference) + self.promptnet_cond_embedding["conv_out"](F.silu(self.promptnet_cond_embedding["conv_in"](x_t)))
         context = self.vision_embedding(tokens)
@@ -85,3 +116,25 @@ class DiffusersPromptNet(torch.nn.Module):
         h = self.mid_block(h, emb, encoder_hidden_states=context)
         feats.append(self.mid_prompt_projection(h))
         return self.region_prompt_output(torch.cat(feats, 1)).flatten(2).transpose(1, 2)
+
+
+def write_official_promptnet(folder, ref, weights="safetensors", config=None):
+    """A `promptnet/` folder as ProFusion's save_pretrained writes it: config.json and
+    diffusion_pytorch_model.safetensors, or the pickled diffusion_pytorch_model.bin as published (torch.save of the
+    state dict; the test writes the pickle, the pack only ever reads it through the host's weights-only loader)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config or DIFFUSERS_CONFIG, f, indent=2, sort_keys=True)
+    state = {k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()}
+    if weights == "bin":
+        path = os.path.join(folder, "diffusion_pytorch_model.bin")
+        torch.save(state, path)
+    else:
+        path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+        save_file(state, path, metadata={"format": "pt"})
+    return path

@@ -52,6 +52,22 @@ def micro_model(v_prediction=False, seed=0, context=CONTEXT):
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def micro_inpaint_model(seed=6):
+    """An SD1.5-architecture inpainting UNet at micro size: 9 input channels (latent, mask, masked image), the host's
+    inpainting conditioning (concat_keys mask / masked_image), as SD-2-inpainting and sd-v1-5-inpainting are built."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15({**unet_config(), "in_channels": 9})
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    model.set_inpaint()
+    _fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def micro_clip(seed=1, width=CONTEXT, embedding_directory=None):
     import comfy.sd
     import comfy.sd1_clip
@@ -90,6 +106,18 @@ def micro_vae(seed=2):
     sd["vae_scale"] = torch.tensor(0.18215)
     sd["vae_shift"] = torch.tensor(0.0)
     return comfy.sd.VAE(sd=sd)
+
+
+def micro_kl_vae(seed=2):
+    """A KL autoencoder (the SD VAE's class, AutoencoderKL with a latent distribution) at micro width: 8x down,
+    4 latent channels. Its posterior has a real variance, unlike TAESD's."""
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    _fill(vae.first_stage_model, seed)
+    return vae
 
 
 def micro_clip_vision(width=32, layers=24, image_size=224, patch=14, projection=16, tmp_dir=None):
