@@ -45,6 +45,27 @@ def micro_promptnet(seed=0, vision_width=32):
     return net.eval().requires_grad_(False)
 
 
+def micro_sdxl_promptnet(seed=0, vision_width=32):
+    """A PromptNet on the micro SDXL UNet's encoder half (label embedding of y, depth-2 transformers), one S*
+    part per text encoder (clip_l 64 + clip_g 96)."""
+    from comfyui_likeness.encoders.promptnet import PromptNet
+
+    net = PromptNet(m.micro_sdxl_model().model.model_config.unet_config, vision_width=vision_width,
+                    prompt_width=[m.SDXL_L_WIDTH, m.SDXL_G_WIDTH], latent_size=8, region_channels=16)
+    m._fill(net, seed)
+    with torch.no_grad():
+        net.head.weight.mul_(0.05)
+    return net.eval().requires_grad_(False)
+
+
+def promptnet_patcher(net):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 class DiffusersPromptNet(torch.nn.Module):
     """ProFusion's PromptNet forward written with diffusers' own blocks and ProFusion's parameter names."""
 
