@@ -208,3 +208,35 @@ def test_node_bad_weights_are_named(lib, node_models, weights, message):
         LikenessPromptNetConcept.execute(nm["promptnet"], nm["clip_vision"], nm["vae"], nm["model"], photos(2), weights)
     with pytest.raises(ValueError, match="combine must be one of"):
         lib["source"].PromptNetSource(None, torch.zeros(1, 2, 3), torch.zeros(1, 4, 8, 8), {}, None, "concat")
+
+
+def test_shipped_multi_photo_workflow_changes_when_the_second_photo_is_added(host, workflow_assets, base_dir):
+    """profusion_promptnet_photos as shipped (two photos) against the same graph with photo 1 alone."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    import workflow_tools as wt
+
+    prompt = wt.shrink(wt.load(os.path.join(wt.API_DIR, "profusion_promptnet_photos.json")))
+    concept = next(n for n in prompt.values() if n["class_type"] == "LikenessPromptNetConcept")
+    batch = prompt[concept["inputs"]["image"][0]]
+    assert batch["class_type"] == "ImageBatch"
+
+    def image_of(graph):
+        ok, outputs, messages = host.run(graph)
+        assert ok, messages[-1:]
+        info = [i for out in outputs.values() for i in out.get("images", [])][0]
+        path = os.path.join(base_dir, info["type"], info.get("subfolder", ""), info["filename"])
+        return np.asarray(Image.open(path), dtype=np.float32)
+
+    two = image_of(prompt)
+    one_photo = {**prompt, concept_id(prompt): {**concept, "inputs": {**concept["inputs"], "image": batch["inputs"]["image1"],
+                                                                     "weights": "1.0"}}}
+    one = image_of(one_photo)
+    assert one.shape == two.shape and np.abs(one - two).mean() > 0.5
+
+
+def concept_id(prompt):
+    return next(k for k, n in prompt.items() if n["class_type"] == "LikenessPromptNetConcept")
