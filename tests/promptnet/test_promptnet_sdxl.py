@@ -195,3 +195,43 @@ def test_pretraining_on_sdxl_is_the_sampling_path_with_gradients(lib, tmp_path):
     loaded, meta = lib["file"].load_promptnet(path)
     assert meta["prompt_widths"] == [L, G] and os.path.isfile(path)
     lib["file"].check_fits(meta, context_dim=m.SDXL_CONTEXT, vision_width=32)
+
+
+@pytest.mark.parametrize("size", [6, 12, 16])
+def test_fit_latent_resamples_and_reports_the_noise_gain(lib, size):
+    """SD2-768 / SDXL latents are larger than a 512-px PromptNet's: area averaging when shrinking, linear
+    interpolation when enlarging (the host's own interpolate modes), and the gain k is the rms noise std after it."""
+    import torch.nn.functional as F
+
+    x = torch.randn(64, 4, size, size, generator=torch.Generator().manual_seed(size))
+    out, gain = lib["net"].fit_latent(x, 8)
+    mode = {"mode": "area"} if size > 8 else {"mode": "bilinear", "align_corners": False}
+    assert out.shape == (64, 4, 8, 8) and torch.allclose(out, F.interpolate(x, size=(8, 8), **mode), atol=1e-6)
+    assert abs(float(out.std()) - gain) < 0.02 and gain < 1.0
+    same = torch.randn(1, 4, 8, 8)
+    kept, unit = lib["net"].fit_latent(same, 8)
+    assert kept is same and unit == 1.0
+
+
+def test_promptnet_is_told_the_noise_level_it_sees_after_the_resize(lib):
+    """A 16x16 latent fitted to an 8x8 PromptNet: area averaging halves the noise, so PromptNet gets
+    c_in(sigma / 2) * area(x) and timestep(sigma / 2)."""
+    import torch.nn.functional as F
+
+    model, net = m.micro_model(), micro_promptnet()
+    seen = []
+    original = net.forward
+
+    def spy(reference, x_t, timesteps, tokens, transformer_options=None):
+        seen.append((x_t.clone(), timesteps.clone()))
+        return original(reference, x_t, timesteps, tokens)
+
+    net.forward = spy
+    source = lib["source"].PromptNetSource(promptnet_patcher(net), torch.randn(1, 257, 32), torch.randn(1, 4, 8, 8),
+                                           {"unet_config": {"context_dim": m.CONTEXT}, "vision_width": 32})
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 3.0, torch.tensor([3.0])
+    source(x, sigma, model)
+    ms = model.get_model_object("model_sampling")
+    half = sigma / 2
+    assert torch.allclose(seen[0][0], ms.calculate_input(half, F.interpolate(x, size=(8, 8), mode="area")), atol=1e-6)
+    assert torch.allclose(seen[0][1], ms.timestep(half).float())
