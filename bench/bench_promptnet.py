@@ -1,5 +1,6 @@
 """ProFusion's cost and PromptNet's latent resize, measured in one process.
 
+flops       Operations per call counted on the meta device for SD1.x, SD2.x and SDXL: UNet, PromptNet, text encoders.
 full_size   PromptNet at its real size (the SD2-base PromptNet ProFusion published: SD2's encoder half, ViT-H tokens,
             64x64 latent) against the full SD2-base UNet and the full OpenCLIP-H text encoder, random weights, fp32,
             CPU time, each alternated with the others (median and range). From these: the lower bound of
@@ -70,13 +71,32 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def full_promptnet():
-    from comfyui_likeness.encoders.promptnet import PromptNet
+def full_promptnet(share_with=None):
+    """The SD2-base PromptNet with random weights. share_with: a UNet whose encoder half PromptNet's body then
+    uses in place of its own copy (ProFusion initialises it from the UNet; the compute is the same, and the
+    measurement fits in 4 GB instead of 5.5)."""
+    from comfyui_likeness.encoders.promptnet import BODY_PREFIXES, PromptNet
 
-    return randomize(PromptNet(SD2_UNET, VIT_H_WIDTH, 1024, latent_size=64, region_channels=128), 1).eval()
+    if share_with is None:
+        return randomize(PromptNet(SD2_UNET, VIT_H_WIDTH, 1024, latent_size=64, region_channels=128), 1).eval()
+    net = PromptNet(SD2_UNET, VIT_H_WIDTH, 1024, latent_size=64, region_channels=128, device="meta")
+    source = dict(share_with.named_parameters())
+    for name, module in list(net.named_modules()):
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            key = f"{name}.{leaf}" if name else leaf
+            shared = key.startswith(BODY_PREFIXES) and key in source and source[key].shape == p.shape
+            module._parameters[leaf] = source[key] if shared else torch.nn.Parameter(torch.empty(p.shape))
+    for name, module in list(net.named_modules()):
+        for leaf, b in list(module.named_buffers(recurse=False)):
+            module._buffers[leaf] = torch.zeros(b.shape, dtype=b.dtype)
+    heads = [m for n, m in net.named_children() if not n.startswith(tuple(p.rstrip(".") for p in BODY_PREFIXES))]
+    for m in heads:
+        randomize(m, 1)
+    return net.eval()
 
 
 def full_unet():
+    """The SD2-base UNet through the host's BaseModel (apply_model: c_in, timestep, the model's own call)."""
     import comfy.model_base
     import comfy.supported_models
 
@@ -107,52 +127,117 @@ def alternate(calls: dict, cpu: dict, wall: dict):
 
 
 def measure_full_size():
-    """Two phases to stay near 5 GB: the UNet alternated with PromptNet, then with the text encoder; each ratio
-    is taken against the UNet evaluations of its own phase."""
+    """Two phases, to stay under 4 GB on a shared machine: the UNet alternated with PromptNet (its body sharing
+    the UNet's encoder-half weights), then - the UNet freed - the text encoder alternated with a stand-alone
+    PromptNet; the text encoding's share of a UNet evaluation is the product of the two measured ratios.
+    Returns (result, the stand-alone PromptNet, for the resize measurement)."""
+    import gc
+
     unet, config = full_unet()
     g = torch.Generator().manual_seed(3)
     context = torch.randn(1, 77, 1024, generator=g)
     tokens = torch.randn(1, 257, VIT_H_WIDTH, generator=g)
     ms = unet.model_sampling
     sigma = ms.sigmas[500].reshape(1)
+    t = ms.timestep(sigma).float()
     x = {n: torch.randn(1, 4, n, n, generator=g) for n in (64, 48)}
     x2 = torch.randn(2, 4, 64, 64, generator=g)
-    unet_calls = {
+    cpu, wall = {}, {}
+    net = full_promptnet(share_with=unet.diffusion_model)
+    params = {"promptnet": count(net), "unet": count(unet.diffusion_model)}
+    alternate({
         "unet_512px_batch1": lambda: unet.apply_model(x[64], sigma, c_crossattn=context),
         "unet_512px_batch2": lambda: unet.apply_model(x2, sigma.repeat(2), c_crossattn=context.repeat(2, 1, 1)),
         "unet_384px_batch1": lambda: unet.apply_model(x[48], sigma, c_crossattn=context),
-    }
-    cpu, wall = {}, {}
+        "promptnet_call": lambda: net(x[64], x[64], t, tokens),
+    }, cpu, wall)
+    del net, unet
+    gc.collect()
     net = full_promptnet()
-    params = {"promptnet": count(net), "unet": count(unet.diffusion_model)}
-    alternate({**unet_calls, "promptnet_call": lambda: net(x[64], x[64], ms.timestep(sigma).float(), tokens)},
-              cpu, wall)
-    del net
     clip = full_text_encoder(config)
     params["text_encoder"] = count(clip.cond_stage_model)
     prompt = clip.tokenize("a holder is wearing a superman costume")
-    phase2 = {}
-    alternate({"unet_512px_batch1": unet_calls["unet_512px_batch1"], "text_encoding": lambda: clip.encode_from_tokens(prompt)},
-              phase2, {})
-    cpu["text_encoding"], wall["text_encoding"] = phase2["text_encoding"], []
-    del clip, unet
+    phase2, wall2 = {}, {}
+    alternate({"promptnet_call": lambda: net(x[64], x[64], t, tokens),
+               "text_encoding": lambda: clip.encode_from_tokens(prompt)}, phase2, wall2)
+    del clip
+    gc.collect()
     med = {k: statistics.median(v) for k, v in cpu.items()}
     u512, u384, p = med["unet_512px_batch1"], med["unet_384px_batch1"], med["promptnet_call"]
-    e_ratio = med["text_encoding"] / statistics.median(phase2["unet_512px_batch1"])
-    bound = lambda u: (5 + 2 * p / u + 2 * e_ratio * u512 / u) / 2  # noqa: E731
+    e = p * statistics.median(phase2["text_encoding"]) / statistics.median(phase2["promptnet_call"])
+    bound = lambda u: (5 * u + 2 * p + 2 * e) / (2 * u)  # noqa: E731
     return {
         "what": "per-call CPU time at full size (SD2-base configs), random weights, fp32, batch 1 unless named; "
-                "each call alternated with the UNet's in one process",
+                "phase 1 alternates the UNet and PromptNet in one process, phase 2 PromptNet and the text encoder",
         "parameters": params,
         "cpu_seconds": {k: summary(v) for k, v in cpu.items()},
-        "wall_seconds": {k: summary(v) for k, v in wall.items() if v},
+        "cpu_seconds_phase2": {k: summary(v) for k, v in phase2.items()},
+        "wall_seconds": {k: summary(v) for k, v in {**wall, **{f"phase2_{k}": v for k, v in wall2.items()}}.items()},
         "torch_threads": torch.get_num_threads(), "repeats": REPEATS, "machine": platform.machine(),
-        "per_unet_evaluation_512px": {"promptnet_call": p / u512, "text_encoding": e_ratio,
+        "per_unet_evaluation_512px": {"promptnet_call": p / u512, "text_encoding": e / u512,
                                       "batch2_over_2x_batch1": med["unet_512px_batch2"] / (2 * u512)},
-        "per_unet_evaluation_384px": {"promptnet_call": p / u384, "text_encoding": e_ratio * u512 / u384},
+        "per_unet_evaluation_384px": {"promptnet_call": p / u384, "text_encoding": e / u384},
         "profusion_lower_bound_vs_ksampler": {"512px": bound(u512), "384px": bound(u384),
                                               "formula": "(5 u + 2 p + 2 e) / (2 u), m = 1 with refinement"},
-    }
+    }, net
+
+
+SD15_UNET = {**SD2_UNET, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1}
+SDXL_UNET = {**SD2_UNET, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
+             "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
+             "context_dim": 2048, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+
+
+def measure_flops():
+    """Floating-point operations per call, counted on the meta device (no memory, no timing noise): the UNet
+    at 512 and 384 px, PromptNet, and the text encoders (SD1.x CLIP-L, SD2.x OpenCLIP-H, SDXL CLIP-L + bigG)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from comfyui_likeness.encoders.promptnet import PromptNet
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    saved = attention.optimized_attention
+    attention.optimized_attention = attention.attention_basic   # plain matmuls, which the counter sees
+    meta = {"device": "meta"}
+    out = {}
+    try:
+        for family, config, widths, side, text_cls in (
+                ("sd15", SD15_UNET, 768, 64, comfy.supported_models.SD15),
+                ("sd2", SD2_UNET, 1024, 64, comfy.supported_models.SD20),
+                ("sdxl", SDXL_UNET, [768, 1280], 128, comfy.supported_models.SDXL)):
+            unet = UNetModel(**config, operations=comfy.ops.manual_cast, **meta)
+            extra = {"y": torch.zeros(1, 2816, **meta)} if family == "sdxl" else {}
+            ctx = torch.zeros(1, 77, config["context_dim"], **meta)
+            run = lambda n: flops(lambda: unet(torch.zeros(1, 4, n, n, **meta), torch.zeros(1, **meta), context=ctx, **extra))  # noqa: E731
+            u_full, u_small = run(side), run(side * 3 // 4)
+            net = PromptNet(config, VIT_H_WIDTH, widths, latent_size=side, region_channels=128, **meta)
+            p = flops(lambda: net(torch.zeros(1, 4, side, side, **meta), torch.zeros(1, 4, side, side, **meta),
+                                  torch.zeros(1, **meta), torch.zeros(1, 257, VIT_H_WIDTH, **meta), **extra))
+            text = text_cls({**config, "in_channels": 4}).clip_target().clip(
+                dtype=torch.float32, model_options={"custom_operations": comfy.ops.disable_weight_init}, **meta)
+            e = 0
+            for encoder in [m for m in text.modules() if hasattr(m, "transformer") and hasattr(m, "num_layers")]:
+                width = encoder.transformer.get_input_embeddings().weight.shape[-1]
+                e += flops(lambda: encoder.transformer(None, embeds=torch.zeros(1, 77, width, **meta), num_tokens=[77],
+                                                       intermediate_output=-2))
+            out[family] = {"pixels": 8 * side, "unet_gflop": u_full / 1e9, f"unet_gflop_{6 * side}px": u_small / 1e9,
+                           "promptnet_gflop": p / 1e9, "text_encoding_gflop": e / 1e9,
+                           "promptnet_per_unet": p / u_full, f"promptnet_per_unet_{6 * side}px": p / u_small,
+                           "text_encoding_per_unet": e / u_full,
+                           "promptnet_parameters": count(net), "unet_parameters": count(unet)}
+    finally:
+        attention.optimized_attention = saved
+    return {"what": "GFLOP per batch-1 call, counted by torch.utils.flop_counter on the meta device; SD1.x/SD2 at "
+                    "512 px (and 384), SDXL at 1024 px (and 768), PromptNet at the model's native latent",
+            "families": out}
 
 
 def smooth_latent(size, seed):
@@ -163,12 +248,12 @@ def smooth_latent(size, seed):
     return (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
 
 
-def measure_resize():
+def measure_resize(net=None):
     import comfy.model_sampling
     import comfy.supported_models
     from comfyui_likeness.encoders.promptnet import fit_latent
 
-    net = full_promptnet()
+    net = net if net is not None else full_promptnet()
     config = comfy.supported_models.SD20(dict(SD2_UNET))
 
     class Sampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
@@ -284,17 +369,21 @@ def measure_standin(comfy_dir, base):
 def main(parts):
     path = os.path.join(RESULTS, "promptnet.json")
     result = json.load(open(path)) if os.path.exists(path) else {}
-    result = {k: v for k, v in result.items() if k in ("full_size", "resize", "standin")}
+    result = {k: v for k, v in result.items() if k in ("flops", "full_size", "resize", "standin")}
     comfy_dir, base = boot_host()
     torch.set_num_threads(int(os.environ.get("LIKENESS_BENCH_THREADS", "1")))
+    net = None
+    if "flops" in parts:
+        result["flops"] = measure_flops()
     if "full_size" in parts:
-        result["full_size"] = measure_full_size()
+        result["full_size"], net = measure_full_size()
     if "resize" in parts:
-        result["resize"] = measure_resize()
+        result["resize"] = measure_resize(net)
+    del net
     if "standin" in parts:
         result["standin"] = measure_standin(comfy_dir, base)
     write_result("promptnet", result)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["full_size", "resize", "standin"])
+    main(sys.argv[1:] or ["flops", "full_size", "resize", "standin"])
