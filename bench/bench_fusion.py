@@ -2,9 +2,12 @@
 
 Targets (issue 2): m = 1 with refinement at most 2.6x, m = 0 at most 1.6x; the evaluation-count ratios are
 2.5 (2 fusion + 3 refinement conditions against cond + uncond) and 1.5.
-Run: .host/venv/bin/python bench/bench_fusion.py   -> bench/results/fusion.json
+Families: sd15 (the stand-in SD1.5 checkpoint) and sdxl (the stand-in SDXL checkpoint: SDXL's detection layout at
+320 channels, its two full-size text encoders, pooled output and size conditioning in every condition).
+Run: .host/venv/bin/python bench/bench_fusion.py [sd15] [sdxl]   -> bench/results/fusion.json (sdxl: fusion_sdxl.json)
 """
 import platform
+import sys
 
 import torch
 
@@ -13,12 +16,11 @@ from common import EvalCounter, boot_host, median_times, standin_checkpoint, wri
 STEPS, SIZE = 6, 128
 
 
-def main():
-    comfy, base = boot_host()
+def main(family="sd15", comfy=None, base=None):
     import nodes
     from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
 
-    model, clip, _ = standin_checkpoint(comfy, base)
+    model, clip, _ = standin_checkpoint(comfy, base, family)
     enc = lambda t: nodes.CLIPTextEncode().encode(clip, t)[0]  # noqa: E731
     neg, concept, fused, context = enc(""), enc("a photo of a red apple"), enc("a photo of an apple"), enc("a photo of a fruit")
     latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
@@ -54,7 +56,9 @@ def main():
 
     result = {
         "what": "KSampler (Fusion) vs host KSampler, same model, steps, sampler (euler), scheduler (ddim_uniform)",
-        "model": "stand-in SD1.5 checkpoint (320-channel one-level UNet, random weights), CPU",
+        "model": {"sd15": "stand-in SD1.5 checkpoint (320-channel one-level UNet, random weights), CPU",
+                  "sdxl": "stand-in SDXL checkpoint (SDXL's 3 levels at 320 channels, depth 2/10 input transformers, "
+                          "full CLIP-L + bigG text encoders, random weights), CPU"}[family],
         "latent": f"{SIZE // 8}x{SIZE // 8}", "steps": n_steps, "repeats": "median of 5, round-robin", "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "seconds": {"host_ksampler": t_host, "fusion_m1_refine": t_m1, "fusion_m0": t_m0},
@@ -65,8 +69,10 @@ def main():
         "targets": {"fusion_m1_refine": 2.6, "fusion_m0": 1.6},
     }
     result["meets_targets"] = {k: result["ratio"][k] <= v for k, v in result["targets"].items()}
-    write_result("fusion", result)
+    write_result("fusion" if family == "sd15" else f"fusion_{family}", result)
 
 
 if __name__ == "__main__":
-    main()
+    comfy_dir, base_dir = boot_host()
+    for name in sys.argv[1:] or ["sd15"]:
+        main(name, comfy_dir, base_dir)

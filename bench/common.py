@@ -22,13 +22,15 @@ def boot_host():
     return comfy, base
 
 
-def standin_checkpoint(comfy, base):
-    """Load the stand-in SD1.5 checkpoint through the host's CheckpointLoaderSimple -> (model, clip, vae)."""
+def standin_checkpoint(comfy, base, family="sd15"):
+    """Load a stand-in checkpoint (sd15, sd2, sdxl) through the host's CheckpointLoaderSimple -> (model, clip, vae)."""
     import nodes
     from standin_checkpoint import build_standin_checkpoint
 
-    name = "likeness_standin_sd15.safetensors"
-    build_standin_checkpoint(comfy, os.path.join(base, "models", "checkpoints", name))
+    name = f"likeness_standin_{family}.safetensors"
+    path = os.path.join(base, "models", "checkpoints", name)
+    if not os.path.exists(path):
+        build_standin_checkpoint(comfy, path, family=family)
     return nodes.CheckpointLoaderSimple().load_checkpoint(name)
 
 

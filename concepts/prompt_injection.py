@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .concept import HIDDEN_SPACE, LikenessConcept
+from .concept import HIDDEN_SPACE, LikenessConcept, by_width
 
 log = logging.getLogger("likeness")
 
@@ -173,33 +173,54 @@ def _scale_rows(conditioning, slots, gamma, chunk_len):
 class DynamicPrompt:
     """Re-encodes the prompt with new concept vectors (one set per batch row) inside the sampling loop.
 
-    Kept in the conditioning under DYNAMIC_KEY; the Fusion Guider calls it at every model evaluation.
+    Kept in the conditioning under DYNAMIC_KEY; the Fusion Guider calls it at every model evaluation. Vectors
+    come by text-encoder width ({768: (B, n, 768), 1280: (B, n, 1280)} for SDXL), or as one tensor
+    (B, n, sum of widths) laid out in ascending width order (concept.by_width).
     """
 
     def __init__(self, clip, tokens, entries, slots, gamma, chunk_len, concept: LikenessConcept):
         self.clip, self.tokens, self.entries, self.slots = clip, tokens, entries, slots
         self.gamma, self.chunk_len, self.concept = gamma, chunk_len, concept
+        self.widths = sorted({enc.width for enc, _, _ in entries})
 
     def models(self):
         return [self.clip.patcher] + list(getattr(self.concept.dynamic, "models", lambda: [])())
 
-    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vectors: (B, n, width) -> conditioning tensor (B, tokens, context width)."""
-        rows = []
-        for b in range(vectors.shape[0]):
+    def encode(self, vectors) -> torch.Tensor:
+        """vectors -> conditioning tensor (B, tokens, context width)."""
+        return self.encode_with_pooled(vectors)[0]
+
+    def encode_with_pooled(self, vectors):
+        """vectors -> (conditioning (B, tokens, context width), pooled output (B, width) or None). SDXL's UNet
+        conditions on the pooled clip_g output too, and it changes with the concept (the end token attends to it)."""
+        vectors = by_width(vectors, self.widths)
+        batch = {int(v.shape[0]) for v in vectors.values()}
+        if len(batch) != 1:
+            raise ValueError(f"the concept vectors have different batch sizes per text encoder: {sorted(batch)}")
+        rows, pooled_rows = [], []
+        for b in range(batch.pop()):
             for enc, entry, pos in self.entries:
-                vec = vectors[b].float().cpu()
+                vec = vectors[enc.width][b].float().cpu()
                 if self.concept.space == HIDDEN_SPACE:
                     vec = vec - enc.position_embedding()[pos:pos + vec.shape[0]]
                 entry["data"] = vec
-            cond = self.clip.encode_from_tokens(self.tokens)
+            cond, pooled = self.clip.encode_from_tokens(self.tokens, return_pooled=True)
             if self.gamma != 1.0:
                 cond = _scale_rows([[cond, {}]], self.slots, self.gamma, self.chunk_len)[0][0]
             rows.append(cond)
-        return torch.cat(rows)
+            pooled_rows.append(pooled)
+        pooled = None if any(p is None for p in pooled_rows) else torch.cat(pooled_rows)
+        return torch.cat(rows), pooled
 
     def __deepcopy__(self, memo):
         return self  # holds models; conditionings are copied often
+
+
+def encoder_widths(clip) -> list[int]:
+    """The widths of a CLIP's text encoders, ascending (SD1.x [768], SD2.x [1024], SDXL [768, 1280])."""
+    if clip is None:
+        raise ValueError("the clip input is missing: connect the CLIP output of your checkpoint loader")
+    return sorted({_Encoder(clip, k).width for k in clip.tokenize("a")})
 
 
 DYNAMIC_KEY = "likeness_dynamic_concept"

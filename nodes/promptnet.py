@@ -1,4 +1,4 @@
-"""ProFusion's PromptNet: load a PromptNet file and turn a reference image into a concept that follows x_t."""
+"""ProFusion's PromptNet: load a PromptNet file and turn reference photos into a concept that follows x_t."""
 import hashlib
 import os
 
@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..concepts.promptnet_reference import ENCODINGS, encode_reference
-from ..concepts.promptnet_source import PromptNetSource
+from ..concepts.promptnet_source import COMBINE_MODES, MIXTURE, PromptNetSource, parse_weights
 from ..folders import safetensors_files
 from ..weights.promptnet_diffusers import load_any_promptnet, promptnet_choices
 from ..weights.promptnet_file import check_fits
@@ -58,34 +58,44 @@ class LikenessPromptNetConcept(io.ComfyNode):
             node_id="LikenessPromptNetConcept",
             display_name="PromptNet Concept (ProFusion)",
             category=CATEGORY,
-            description=("S* from a reference image with PromptNet. With the Fusion Guider / KSampler (Fusion), S* is "
-                         "recomputed from the current noisy latent at every model evaluation, as in ProFusion; other "
-                         "samplers get S* computed once from the reference."),
+            description=("S* from one or several reference photos with PromptNet. With the Fusion Guider / KSampler "
+                         "(Fusion), S* is recomputed from the current noisy latent at every model evaluation, as in "
+                         "ProFusion; other samplers get S* computed once from the photos."),
             inputs=[
                 PromptNetType.Input("promptnet"),
                 io.ClipVision.Input("clip_vision", tooltip="ProFusion used OpenCLIP ViT-H/14"),
                 io.Vae.Input("vae"),
                 io.Model.Input("model", tooltip="the model you sample with (for the latent scale and the check)"),
-                io.Image.Input("image", tooltip="the reference photo (a face crop for the FFHQ PromptNet)"),
+                io.Image.Input("image", tooltip="the reference photo, or a batch of photos of one subject (a face "
+                                                "crop for the FFHQ PromptNet)"),
                 io.Combo.Input("reference_encoding", options=list(ENCODINGS), default="pack", optional=True,
                                tooltip="pack: centre crop and the VAE's mean latent; official: ProFusion's pipeline, "
                                        "resized without a crop and a latent sampled from the VAE (fixed seed)"),
+                io.String.Input("weights", default="1.0", optional=True,
+                                tooltip="one weight per photo, separated by commas (one number: every photo). "
+                                        "ProFusion's extra_ref_image_scales are w_concept x these weights"),
+                io.Combo.Input("combine", options=list(COMBINE_MODES), default=MIXTURE, optional=True,
+                               tooltip="mixture: ProFusion's weighted mixture of each photo's guided prediction "
+                                       "(one condition per photo); average: one S*, the weighted mean (cheaper)"),
             ],
             outputs=[Concept.Output(display_name="concept")],
         )
 
     @classmethod
-    def execute(cls, promptnet, clip_vision, vae, model, image, reference_encoding="pack") -> io.NodeOutput:
+    def execute(cls, promptnet, clip_vision, vae, model, image, reference_encoding="pack", weights="1.0",
+                combine=MIXTURE) -> io.NodeOutput:
         if not isinstance(promptnet, PromptNetModel):
             raise ValueError("the promptnet input must come from 'PromptNet Loader (ProFusion)'")
-        if image.shape[0] != 1:
-            raise ValueError(f"PromptNet Concept takes one reference image; got a batch of {image.shape[0]}")
+        if image.ndim != 4 or image.shape[0] < 1:
+            raise ValueError("the image input must be an IMAGE batch of one or more reference photos")
+        photo_weights = parse_weights(weights, int(image.shape[0]))
         tokens, reference = encode_reference(image, clip_vision, vae, int(promptnet.meta.get("latent_size", 64)),
                                              reference_encoding)
         check_fits(promptnet.meta, context_dim=model.model.model_config.unet_config.get("context_dim"),
                    vision_width=int(tokens.shape[-1]), name=f"PromptNet '{promptnet.name}'")
-        source = PromptNetSource(promptnet.patcher, tokens, reference, promptnet.meta)
-        digest = hashlib.sha1(image.float().cpu().numpy().tobytes()).hexdigest()[:10]
+        source = PromptNetSource(promptnet.patcher, tokens, reference, promptnet.meta, photo_weights, combine)
+        digest = hashlib.sha1(image.float().cpu().numpy().tobytes() + repr(photo_weights).encode()
+                              + reference_encoding.encode()).hexdigest()[:10]
         return io.NodeOutput(source.static_concept(model, f"promptnet:{os.path.splitext(promptnet.name)[0]}:{digest}"))
 
 

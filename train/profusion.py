@@ -4,6 +4,9 @@ Pre-training (D.3): PromptNet learns S* = PromptNet(x̄0, x_t, t, CLIP-vision to
 UNet and text encoder: eps-MSE with t ~ U{0..999}, the reference equal to the target image, "a photo of S*" as
 the prompt (S* overwrites the whole input embedding of its slot: hidden space, concepts/prompt_injection.py),
 AdamW lr 2e-5 (0.9/0.999, wd 1e-2, eps 1e-8), gradient clipping 1.0, no regularisation of S*.
+SDXL: S* has one part per text encoder (clip_l 768 + clip_g 1280), the UNet gets the `y` of the pooled output of
+"a photo of S*" and the image size, PromptNet the `y` of the image size with a zero text vector
+(concepts/promptnet_source.py promptnet_y), exactly as the Fusion Guider gives them at sampling time.
 
 Test-time fine-tuning (D.6): PromptNet plus every to_q/to_k/to_v of the UNet's attention (attn1 and attn2; not
 to_out) on one subject: AdamW lr 2e-5, eps-MSE, "a photo of S*", reference and target drawn independently
@@ -20,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ..concepts.concept import HIDDEN_SPACE
+from ..concepts.prompt_injection import encoder_widths
+from ..concepts.promptnet_source import promptnet_inputs, promptnet_y
 from ..encoders.promptnet import PromptNet
 from .data import ImageDataset
 from .diffusion import (add_noise, check_trainable_model, denoise, encode_images, eps_from_denoised, eps_loss,
-                        fresh, gradients_on, sample_timesteps, sigmas_for, vp_input)
+                        fresh, gradients_on, sample_timesteps, sigmas_for, size_conditioning_y)
 from .init_weights import torch_reset
 from .method import MethodTrainer
 from .prompt import TrainablePrompt
@@ -46,10 +51,10 @@ def vision_tokens(clip_vision, images: torch.Tensor) -> torch.Tensor:
         return clip_vision.encode_image(images[..., :3].float(), crop=True).last_hidden_state.float()
 
 
-def new_promptnet(model_patcher, clip_vision, prompt_width: int, latent_size: int, region_channels: int = 128,
+def new_promptnet(model_patcher, clip_vision, prompt_width, latent_size: int, region_channels: int = 128,
                   init_from_unet: bool = True) -> PromptNet:
     """A PromptNet for the base model: torch's default init for every layer, then the UNet's encoder half
-    copied in (ProFusion initialises from the base UNet)."""
+    copied in (ProFusion initialises from the base UNet). prompt_width: one width, or one per text encoder."""
     config = model_patcher.model.model_config.unet_config
     net = PromptNet(config, vision_width(clip_vision), prompt_width, latent_size, region_channels)
     torch_reset(net)
@@ -70,10 +75,16 @@ class PromptNetStep(torch.nn.Module):
 
     def forward(self, b: dict) -> dict:
         tr = self._trainer[0]
-        x_vp, t = vp_input(tr.train_patcher, b["x_t"], b["sigma"])
-        s_star = self.promptnet(b["reference"], x_vp, t, b["tokens"])
-        context = tr.prompt.encode(s_star.float())
-        denoised = denoise(tr.train_patcher, b["x_t"], b["sigma"], context)
+        net = self.promptnet
+        x_t = b["x_t"]
+        height, width = int(b.get("height", 8 * x_t.shape[-2])), int(b.get("width", 8 * x_t.shape[-1]))
+        x_vp, t = promptnet_inputs(tr.train_patcher, x_t, b["sigma"], net.latent_size)
+        size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}
+        y_net = promptnet_y(tr.train_patcher, net.adm_channels, x_t.shape[0], size, x_t.device)
+        s_star = net(b["reference"], x_vp, t, b["tokens"], **({} if y_net is None else {"y": y_net}))
+        context, pooled = tr.prompt.encode_with_pooled(net.split(s_star.float()))
+        y = size_conditioning_y(tr.train_patcher, pooled, height, width)
+        denoised = denoise(tr.train_patcher, x_t, b["sigma"], context, **({} if y is None else {"y": y}))
         loss = eps_loss(eps_from_denoised(b["x_t"], b["sigma"], denoised), b["noise"])
         logs = {"diffusion": float(loss.detach()), "s_star_norm": float(s_star.detach().norm(dim=-1).mean())}
         if tr.l2_reg > 0:
@@ -111,9 +122,9 @@ class PromptNetPretrainer(MethodTrainer):
         return new_promptnet(self.base.model, self.base.clip_vision, self.text_width(), latent,
                              int(self.option("region_channels", 128)), bool(self.option("init_from_unet", True)))
 
-    def text_width(self) -> int:
-        from .prompt import _text_width
-        return _text_width(self.base.clip)
+    def text_width(self) -> list[int]:
+        """One S* part per text encoder of the CLIP (SDXL: [768, 1280])."""
+        return encoder_widths(self.base.clip)
 
     def setup(self):
         self.freeze_base()
@@ -122,7 +133,7 @@ class PromptNetPretrainer(MethodTrainer):
             log.warning("Likeness trainer: PromptNet latent size %d means %dpx images; the data is %dpx",
                         self.net.latent_size, self.net.latent_size * 8, self.resolution)
         self.prompt = TrainablePrompt(self.base.clip, self.option("template", TEMPLATE), "holder",
-                                      self.net.prompt_width, 1, HIDDEN_SPACE)
+                                      self.net.prompt_widths, 1, HIDDEN_SPACE)
         self.train_patcher = self.base.model.clone()
         self.module = PromptNetStep(self.net, self)
         return self
@@ -147,7 +158,8 @@ class PromptNetPretrainer(MethodTrainer):
             noise = torch.randn(x0.shape, generator=generator)
             x_t = add_noise(self.train_patcher, x0.cpu(), sigma, noise)
         return {"x_t": x_t.to(device), "sigma": sigma.to(device), "noise": noise.to(device),
-                "reference": reference.to(device), "tokens": tokens.to(device), "t": t}
+                "reference": reference.to(device), "tokens": tokens.to(device), "t": t,
+                "height": int(images.shape[1]), "width": int(images.shape[2])}
 
     def export(self, directory: str, module=None) -> str:
         from ..weights.promptnet_file import save_promptnet
@@ -192,7 +204,8 @@ def sample_profusion(base, net, reference_image, steps, model, prompt: str = SAM
     concept = source.static_concept(model, "promptnet:training")
     fused, concept_cond, context = encode_likeness_prompt(base.clip, prompt, concept, "holder", "person", 0.7)
     negative = nodes.CLIPTextEncode().encode(base.clip, "")[0]
-    latent = {"samples": torch.zeros(1, 4, net.latent_size, net.latent_size)}
+    channels = int(net.unet_config.get("in_channels", 4))
+    latent = {"samples": torch.zeros(1, channels, net.latent_size, net.latent_size)}
     out = ksampler_fusion(model, seed, steps, "euler", "ddim_uniform", negative, fused, concept_cond, context, latent,
                           1.0, 7.0, 7.0, 5.0, 1, 1.0, True, 0.0, 1.0)
     return base.vae.decode(out["samples"])

@@ -11,8 +11,8 @@ import types
 
 import torch
 
-from ..concepts.concept import HIDDEN_SPACE, TOKEN_SPACE, LikenessConcept
-from ..concepts.prompt_injection import DYNAMIC_KEY, encode_likeness_prompt
+from ..concepts.concept import HIDDEN_SPACE, TOKEN_SPACE, LikenessConcept, by_width
+from ..concepts.prompt_injection import DYNAMIC_KEY, encode_likeness_prompt, encoder_widths
 
 
 def _residual_forward(self, x, mask=None, optimized_attention=None):
@@ -46,24 +46,46 @@ class _Learned:
 
 
 class TrainablePrompt:
-    def __init__(self, clip, template: str = "a photo of holder", placeholder: str = "holder", width: int | None = None,
+    """A template with learned vectors at its placeholder, for every text encoder of the CLIP.
+
+    width: None (every encoder of the CLIP), one encoder's width, the sum of all widths (one concatenated tensor,
+    SDXL: 768 + 1280 = 2048) or the list of widths. encode() takes {width: (B, n, width)} or one (B, n, sum of
+    widths) tensor in ascending width order (concepts/concept.by_width)."""
+
+    def __init__(self, clip, template: str = "a photo of holder", placeholder: str = "holder", width=None,
                  vectors: int = 1, space: str = HIDDEN_SPACE):
         if space not in (HIDDEN_SPACE, TOKEN_SPACE):
             raise ValueError(f"space must be '{HIDDEN_SPACE}' or '{TOKEN_SPACE}'")
-        width = width or _text_width(clip)
-        concept = LikenessConcept(vectors={width: torch.zeros(vectors, width)}, space=space, source="training",
+        widths = encoder_widths(clip)
+        asked = sorted(int(w) for w in width) if isinstance(width, (list, tuple)) else width
+        if asked is not None and asked not in (widths, sum(widths)) and not (len(widths) == 1 and asked == widths[0]):
+            raise ValueError(f"the prompt's vectors are {asked} wide but this CLIP's text encoders are {widths} wide")
+        concept = LikenessConcept(vectors={w: torch.zeros(vectors, w) for w in widths}, space=space, source="training",
                                   dynamic=_Learned())
         with torch.no_grad():
             _, concept_cond, _ = encode_likeness_prompt(clip, template, concept, placeholder, "person", 1.0)
         self.dynamic = concept_cond[0][1][DYNAMIC_KEY]
-        self.template, self.placeholder, self.width, self.vectors, self.space = template, placeholder, width, vectors, space
+        self.template, self.placeholder, self.vectors, self.space = template, placeholder, vectors, space
+        self.widths, self.width = widths, sum(widths)
 
-    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vectors (B, n, width) -> conditioning (B, tokens, context) with gradients to the vectors."""
-        if vectors.ndim != 3 or vectors.shape[1:] != (self.vectors, self.width):
-            raise ValueError(f"the prompt takes ({self.vectors}, {self.width}) vectors per sample, got {tuple(vectors.shape)}")
+    def _check(self, vectors):
+        parts = vectors.values() if isinstance(vectors, dict) else [vectors]
+        for v in parts:
+            if v.ndim != 3 or v.shape[1] != self.vectors:
+                raise ValueError(f"the prompt takes {self.vectors} vector(s) per sample of widths {self.widths}, "
+                                 f"got {tuple(v.shape)}")
+        return by_width(vectors, self.widths)
+
+    def encode(self, vectors) -> torch.Tensor:
+        """vectors -> conditioning (B, tokens, context) with gradients to the vectors."""
+        return self.encode_with_pooled(vectors)[0]
+
+    def encode_with_pooled(self, vectors):
+        """vectors -> (conditioning, pooled output or None): SDXL's `y` needs the pooled output, which depends on
+        the learned vectors too (train/diffusion.py size_conditioning_y)."""
+        vectors = self._check(vectors)
         with differentiable_text_encoder(self.dynamic.clip):
-            return self.dynamic.encode(vectors)
+            return self.dynamic.encode_with_pooled(vectors)
 
 
 def _text_width(clip) -> int:

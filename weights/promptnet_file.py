@@ -2,7 +2,8 @@
 
 Pack format (safetensors): the PromptNet state dict in the host's LDM key layout (encoders/promptnet.py) with
 metadata: likeness_format "promptnet", version 1, base_model, unet_config (JSON), vision_width, prompt_width,
-latent_size, region_channels.
+prompt_widths (one per text encoder, ascending; SDXL [768, 1280]; files without it have one), latent_size,
+region_channels.
 
 ProFusion's checkpoint (drboog/ProFusion, diffusers/src/diffusers/models/promptnet.py) is a diffusers model
 folder: config.json plus weights in diffusers naming (conv_in, time_embedding, down_blocks.*, mid_block.*,
@@ -26,7 +27,7 @@ register_format(FORMAT, WHAT)
 CONFIG_KEYS = ("model_channels", "in_channels", "out_channels", "num_res_blocks", "channel_mult", "transformer_depth",
                "transformer_depth_output", "transformer_depth_middle", "context_dim", "use_linear_in_transformer",
                "adm_in_channels", "use_temporal_attention", "use_temporal_resblock", "image_size",
-               "use_spatial_transformer", "legacy", "use_checkpoint", "num_heads", "num_head_channels")
+               "use_spatial_transformer", "legacy", "use_checkpoint", "num_heads", "num_head_channels", "num_classes")
 FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
@@ -38,8 +39,8 @@ def promptnet_meta(net: PromptNet, base_model: str = "", extra: dict | None = No
     """The metadata a PromptNet file carries (and a loaded PromptNet is described by)."""
     return {"method": "ProFusion PromptNet", "base_model": base_model or FAMILIES.get(net.unet_config["context_dim"], ""),
             "unet_config": portable_config(net.unet_config), "vision_width": net.vision_width,
-            "prompt_width": net.prompt_width, "latent_size": net.latent_size, "region_channels": net.region_channels,
-            **(extra or {})}
+            "prompt_width": net.prompt_width, "prompt_widths": net.prompt_widths, "latent_size": net.latent_size,
+            "region_channels": net.region_channels, **(extra or {})}
 
 
 def save_promptnet(path: str, net: PromptNet, base_model: str = "", extra: dict | None = None):
@@ -48,7 +49,8 @@ def save_promptnet(path: str, net: PromptNet, base_model: str = "", extra: dict 
 
 def build_from_metadata(meta: dict, path: str = "file") -> PromptNet:
     try:
-        return PromptNet(meta["unet_config"], int(meta["vision_width"]), int(meta["prompt_width"]),
+        widths = meta.get("prompt_widths") or int(meta["prompt_width"])   # one width per text encoder (SDXL: two)
+        return PromptNet(meta["unet_config"], int(meta["vision_width"]), widths,
                          int(meta.get("latent_size", 64)), int(meta.get("region_channels", 128)))
     except (KeyError, TypeError, ValueError) as e:
         raise WeightFileError(f"'{path}' has incomplete PromptNet metadata ({e}); re-create it with the converter") from e

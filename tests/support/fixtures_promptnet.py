@@ -13,12 +13,18 @@ STANDIN_UNET = {"model_channels": 320, "in_channels": 4, "out_channels": 4, "num
                 "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False, "num_heads": 8,
                 "num_head_channels": -1}
 
-def random_standin_promptnet(seed=0):
-    """A PromptNet with random weights on the stand-in checkpoint's layout (latent_size 8 keeps the one-level
-    stand-in's head small: its grid is the whole latent)."""
+# The stand-in SD2.x-base checkpoint's UNet: the same one-level layout at SD2's context width, linear projections.
+STANDIN_SD2_UNET = {**STANDIN_UNET, "context_dim": 1024, "use_linear_in_transformer": True, "num_heads": -1,
+                    "num_head_channels": 64}
+
+
+def random_standin_promptnet(seed=0, family="sd15"):
+    """A PromptNet with random weights on a stand-in checkpoint's layout (latent_size 8 keeps the one-level
+    stand-in's head small: its grid is the whole latent); its CLIP vision is the ViT-L/14-layout stand-in."""
     from comfyui_likeness.encoders.promptnet import PromptNet
 
-    net = PromptNet(STANDIN_UNET, vision_width=1024, prompt_width=768, latent_size=8, region_channels=32)
+    config, width = {"sd15": (STANDIN_UNET, 768), "sd2": (STANDIN_SD2_UNET, 1024)}[family]
+    net = PromptNet(config, vision_width=1024, prompt_width=width, latent_size=8, region_channels=32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, v in net.state_dict().items():
@@ -57,6 +63,27 @@ def micro_promptnet(seed=0, vision_width=32):
     with torch.no_grad():
         net.head.weight.mul_(0.05)  # keep S* in the range of token embeddings
     return net.eval().requires_grad_(False)
+
+
+def micro_sdxl_promptnet(seed=0, vision_width=32):
+    """A PromptNet on the micro SDXL UNet's encoder half (label embedding of y, depth-2 transformers), one S*
+    part per text encoder (clip_l 64 + clip_g 96)."""
+    from comfyui_likeness.encoders.promptnet import PromptNet
+
+    net = PromptNet(m.micro_sdxl_model().model.model_config.unet_config, vision_width=vision_width,
+                    prompt_width=[m.SDXL_L_WIDTH, m.SDXL_G_WIDTH], latent_size=8, region_channels=16)
+    m._fill(net, seed)
+    with torch.no_grad():
+        net.head.weight.mul_(0.05)
+    return net.eval().requires_grad_(False)
+
+
+def promptnet_patcher(net):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 class DiffusersPromptNet(torch.nn.Module):

@@ -32,3 +32,18 @@ def ensure_clip_vision(base_dir: str, comfy_dir: str) -> str:
     if not os.path.exists(path):
         build_standin_clip_vision(comfy_dir, path)
     return CLIP_VISION_NAME
+
+
+def place_as(base_dir: str, folder: str, built_name: str, public_name: str) -> str:
+    """Make a built stand-in visible under the public file name a shipped workflow names (a hard link, or a copy
+    where links are not possible), in base_dir/models/<folder>."""
+    import shutil
+
+    root = os.path.join(base_dir, "models", folder)
+    target = os.path.join(root, public_name)
+    if not os.path.exists(target):
+        try:
+            os.link(os.path.join(root, built_name), target)
+        except OSError:
+            shutil.copy(os.path.join(root, built_name), target)
+    return public_name
