@@ -136,5 +136,6 @@ def test_nodes_are_registered_with_their_types(host):
         cls = nodes.NODE_CLASS_MAPPINGS[name]
         assert cls.GET_SCHEMA().category == "Likeness/inv_adapter"
     apply_inputs = nodes.NODE_CLASS_MAPPINGS["LikenessInvAdapterApply"].INPUT_TYPES()
-    assert set(apply_inputs["optional"]) == {"adapter", "attn_mask"}
+    assert set(apply_inputs["optional"]) == {"adapter", "attn_mask", "combine", "speed"}
+    assert apply_inputs["optional"]["speed"][1]["default"] == "exact"  # the fast mode is opt-in
     assert apply_inputs["required"]["weight"][1]["default"] == 0.8
