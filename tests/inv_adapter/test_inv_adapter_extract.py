@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fixtures_inv_adapter import face_image, layout_model, random_cond, sample
+from fixtures_inv_adapter import direct_norm_features, face_image, layout_model, random_cond, sample
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +41,6 @@ def feats32(lib, model, vae):
 @pytest.fixture(scope="module")
 def feats16(lib, model, vae):
     return lib["ia"].extract_inv_features(model, vae, face_image(), CAPTION, 4, size=64)
-
-
-def direct_norm_features(model, layout, latent, sigma, caption):
-    """norm1/norm2 outputs of every BasicTransformerBlock via torch forward hooks, on a model with no patches."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    out, handles = {}, []
-    dm = model.model.diffusion_model
-    for s in layout.sites:
-        block = dm.get_submodule(s.path)
-        for site, norm in (("attn1", block.norm1), ("attn2", block.norm2)):
-            handles.append(norm.register_forward_hook(
-                lambda mod, inp, o, key=(site, s.key): out.__setitem__(key, o.detach().clone())))
-    try:
-        with torch.no_grad():
-            model.model.apply_model(latent, torch.tensor([sigma]), c_crossattn=caption, transformer_options={})
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 def test_extracted_features_equal_a_direct_reference_branch(lib, model, feats32, feats16):
