@@ -92,21 +92,12 @@ def test_processors_equal_an_independent_computation_at_sdxl_shapes(lib, sdxl, t
     spied, log = fia.spy_on(lib["d"], patched)
     sample(spied, sdxl["pos"], sdxl["neg"], steps=3)
     sd = {k: v.double() for k, v in sdxl["model"].model.diffusion_model.state_dict().items()}
-    state = {k: v.double() for k, v in sdxl["adapter"].state_dict().items()}
+    state = {k: v.double() for k, v in sdxl["adapter"].state_dict().items()} if trained else None
     hit = set()
     for e in log:
         site, key = fia.call_site(e)
-        name = lib["layout"].site_name(key)
-        F = fia.handed_features(lib["rf"], e["eo"], site, key)
-        if trained:
-            side = "self" if site == "attn1" else "cross"
-            if side == "cross" and f"layers.{name}.aggregate.proj.weight" in state:
-                A, b = state[f"layers.{name}.aggregate.proj.weight"], state[f"layers.{name}.aggregate.proj.bias"]
-                F = torch.einsum("ji,bid->bjd", A, F) + b[None, :, None]
-            Wk, Wv = state[f"layers.{name}.{side}_k.weight"], state[f"layers.{name}.{side}_v.weight"]
-        else:
-            path = sdxl["layout"].site(key).path
-            Wk, Wv = sd[f"{path}.attn1.to_k.weight"], sd[f"{path}.attn1.to_v.weight"]
+        aggregate, Wk, Wv = fia.eaa_projection(site, key, sdxl["layout"], sd, state)
+        F = aggregate(fia.handed_features(lib["rf"], e["eo"], site, key))
         heads = e["eo"]["n_heads"]
         expected = manual_attention(e["q"], e["k"], e["v"], heads) + weight * manual_attention(e["q"], F @ Wk.t(), F @ Wv.t(), heads)
         assert torch.allclose(e["out"].double(), expected, atol=1e-5, rtol=1e-4), (site, key)

@@ -81,22 +81,14 @@ def test_each_combine_mode_equals_a_direct_computation(lib, setup, mode, trained
     spied, log = fia.spy_on(lib["d"], patched)
     sample(spied, POS, NEG, steps=2)
     sd = {k: v.double() for k, v in setup["model"].model.diffusion_model.state_dict().items()}
-    state = {k: v.double() for k, v in setup["adapter"].state_dict().items()}
+    state = {k: v.double() for k, v in setup["adapter"].state_dict().items()} if trained else None
     sites = set()
     for e in log:
         site, key = fia.call_site(e)
-        name = lib["layout"].site_name(key)
         F = fia.handed_features(lib["rf"], e["eo"], site, key)  # (photos, tokens, width)
         assert F.shape[0] == 2
-        if trained:
-            side = "self" if site == "attn1" else "cross"
-            if side == "cross" and f"layers.{name}.aggregate.proj.weight" in state:
-                A, b = state[f"layers.{name}.aggregate.proj.weight"], state[f"layers.{name}.aggregate.proj.bias"]
-                F = torch.einsum("ji,bid->bjd", A, F) + b[None, :, None]  # each photo aggregated on its own
-            Wk, Wv = state[f"layers.{name}.{side}_k.weight"], state[f"layers.{name}.{side}_v.weight"]
-        else:
-            path = setup["layout"].site(key).path
-            Wk, Wv = sd[f"{path}.attn1.to_k.weight"], sd[f"{path}.attn1.to_v.weight"]
+        aggregate, Wk, Wv = fia.eaa_projection(site, key, setup["layout"], sd, state)
+        F = aggregate(F)  # each photo aggregated on its own, then combined
         R = combined(F, mode)
         heads = e["eo"]["n_heads"]
         expected = manual_attention(e["q"], e["k"], e["v"], heads) + weight * manual_attention(e["q"], R @ Wk.t(), R @ Wv.t(), heads)

@@ -191,3 +191,19 @@ def direct_norm_features(model, layout, latent, sigma, caption, y=None):
         for h in handles:
             h.remove()
     return out
+
+
+def eaa_projection(site, key, layout, model_sd, adapter_sd=None):
+    """(aggregation, W'_k, W'_v) of one block, read from state dicts for an independent computation: the adapter's
+    matrices and, on its cross side, its token aggregation F'[:, j] = sum_i A_ji F[:, i] + b_j (trained), or the
+    block's own attn1 to_k / to_v and no aggregation (training-free)."""
+    if adapter_sd is None:
+        path = layout.site(key).path
+        return (lambda F: F), model_sd[f"{path}.attn1.to_k.weight"], model_sd[f"{path}.attn1.to_v.weight"]
+    name = f"{key[0]}_{int(key[1])}_{int(key[2])}"
+    side = "self" if site == "attn1" else "cross"
+    aggregate = lambda F: F  # noqa: E731
+    if side == "cross" and f"layers.{name}.aggregate.proj.weight" in adapter_sd:
+        A, b = adapter_sd[f"layers.{name}.aggregate.proj.weight"], adapter_sd[f"layers.{name}.aggregate.proj.bias"]
+        aggregate = lambda F: torch.einsum("ji,bid->bjd", A, F) + b[None, :, None]  # noqa: E731
+    return aggregate, adapter_sd[f"layers.{name}.{side}_k.weight"], adapter_sd[f"layers.{name}.{side}_v.weight"]
