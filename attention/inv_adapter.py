@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from ..samplers.inversion import ddim_invert_trajectory
+from ..samplers.inversion import ddim_invert_trajectory, inversion_sigmas
 from ..samplers.sigmas import percent_sigma_window
 from .dispatcher import Contribution, add_contribution
 from ..core.layout import attention_layout, model_fingerprint, transformer_block
@@ -41,7 +41,6 @@ class EAAContribution(Contribution):
         self.project_k, self.project_v, self.aggregate = project_k, project_v, aggregate
         self.adapter_patcher = adapter_patcher
         self.combine, self.pool, self.grid = combine, int(pool), grid
-        self._kv = None  # (features tensor, K', V') kept for the other half of a split batch
 
     def reference_tokens(self, feats):
         """(photos, tokens, width) features -> the token set K'/V' project: pooled (fast mode), aggregated (cross
@@ -54,7 +53,8 @@ class EAAContribution(Contribution):
 
     def reference_kv(self, call):
         feats = self.provider.lookup(call.extra_options, self.site, self.key)
-        cached = self._kv
+        kept = getattr(self.provider, "kv_cache", None)  # the provider empties it at every new step and at cleanup
+        cached = kept.get(id(self)) if kept is not None else None
         if cached is not None and cached[0] is feats:
             k, v = cached[1], cached[2]
         else:
@@ -62,8 +62,8 @@ class EAAContribution(Contribution):
             k, v = self.project_k(tokens).to(call.q.dtype), self.project_v(tokens).to(call.q.dtype)
             # A call holding only the cond or only the uncond rows is followed by one for the others at the same
             # step (the host split the batch): keep K'/V' for it. A full batch needs them once, so nothing is held.
-            split = len(call.cond_or_uncond) == 1 and self.combine != "per_row" and not torch.is_grad_enabled()
-            self._kv = (feats, k, v) if split else None
+            if kept is not None and len(call.cond_or_uncond) == 1 and not torch.is_grad_enabled():
+                kept[id(self)] = (feats, k, v)
         rows = call.q.shape[0]
         if k.shape[0] != rows:
             # One materialised copy per row: the host's CPU kernel (sub-quadratic attention) runs slower on a
@@ -167,7 +167,7 @@ def stored_points(steps: int, per_point: int, memory_gb: float) -> list:
 
 def extract_inv_features(model, vae, image, caption, steps: int, scheduler: str = "ddim_uniform", size: int = 512,
                          store: str = "all", memory_gb: float = DEFAULT_MEMORY_GB, feature_dtype=torch.float16,
-                         callback=None, disable_pbar: bool = True, cache_features=None) -> InvFeatures:
+                         callback=None, disable_pbar: bool = True) -> InvFeatures:
     """Encode the face photos, invert them together (CFG 1, caption as prompt) and keep the trajectories, and the
     reference branch's attention inputs at the grid points (captured during the inversion's own model calls).
 
@@ -177,8 +177,6 @@ def extract_inv_features(model, vae, image, caption, steps: int, scheduler: str 
     frozen UNet: the model's weight patches (LoRA) stay, attention patches of other nodes are removed for the
     extraction (they are not part of the paper's reference branch).
     """
-    if cache_features is not None:  # the earlier boolean spelling
-        store = "all" if cache_features else "none"
     if store not in STORE_MODES:
         raise ValueError(f"store must be one of {', '.join(STORE_MODES)} (got {store!r})")
     if size % 8 != 0 or size < 64:
@@ -197,12 +195,12 @@ def extract_inv_features(model, vae, image, caption, steps: int, scheduler: str 
     options.pop("patches_replace", None)
     m.model_options["transformer_options"] = options
     sides = {"all": ("attn1", "attn2"), "self": ("attn1",), "none": ()}[store]
-    latent_hw = (size // 8, size // 8)
-    keep = set(stored_points(steps, feature_bytes_per_point(layout, sides, photos, latent_hw, feature_dtype),
-                             memory_gb)) if sides else set()
-    if sides and len(keep) < steps:
-        log.info("Likeness Inv-Adapter: features of %d of %d steps fit in %.1f GB; the other steps run the reference "
-                 "branch live", len(keep), steps, memory_gb)
+    points = len(inversion_sigmas(m, scheduler, steps)) - 1  # the grid the inversion walks (some schedulers merge steps)
+    per_point = feature_bytes_per_point(layout, sides, photos, (size // 8, size // 8), feature_dtype)
+    keep = set(stored_points(points, per_point, memory_gb)) if sides else set()
+    if sides and len(keep) < points:
+        log.info("Likeness Inv-Adapter: features of %d of %d steps fit in %.1f GB (%.0f MiB per step); the other steps "
+                 "run the reference branch live", len(keep), points, memory_gb, per_point / 2**20)
     capture = {}
     features = {} if keep else None
     for site in sides:

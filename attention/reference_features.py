@@ -98,10 +98,12 @@ class ReferenceProvider:
         self.is_needed = is_needed or (lambda sigma: True)
         self.keys = frozenset(keys) if keys is not None else None
         self._last = None  # (sigma, device, dtype, {(site, key): tensor})
+        self.kv_cache = {}  # the contributions' K'/V' of the current step, for a host that splits cond and uncond
         self.live_passes = 0  # how many reference passes ran (reported by the benchmark and tests)
 
     def reset(self, *args, **kwargs):
         self._last = None
+        self.kv_cache.clear()
 
     def __deepcopy__(self, memo):
         return self
@@ -125,6 +127,7 @@ class ReferenceProvider:
             feats = {key: t.to(dtype) for key, t in live.items()}
             self.live_passes += 1
         self._last = (sigma, device, dtype, feats)
+        self.kv_cache.clear()
         return feats
 
     def lookup(self, extra_options: dict, site: str, key) -> torch.Tensor:

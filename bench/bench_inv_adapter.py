@@ -147,26 +147,28 @@ def layout_measurements(model, cond, size, device, dtype, clock, repeats=2, warm
     }
 
 
-def features_memory(model, size_override=None) -> dict:
-    """INV_FEATURES per step (fp16) for this model at its native reference size, and what the storage choice
-    (the default 4 GB budget) keeps of 50 steps."""
+def features_memory() -> dict:
+    """INV_FEATURES per step (fp16, one photo) of the real UNets at their reference sizes (layouts of the host's
+    classes on the meta device), and what the storage choice (the default 4 GB budget) keeps of 50 steps."""
     from comfyui_likeness.attention.inv_adapter import DEFAULT_MEMORY_GB, feature_bytes_per_point, stored_points
     from comfyui_likeness.core.layout import attention_layout
+    import full_models as fm
 
-    layout = attention_layout(model)
     out = {}
-    for size in sorted({512, 1024, size_override or 512}):
-        lat = (size // 8, size // 8)
-        both = feature_bytes_per_point(layout, ("attn1", "attn2"), 1, lat)
-        self_only = feature_bytes_per_point(layout, ("attn1",), 1, lat)
-        out[f"{size}px"] = {
-            "bytes_per_step_both_sides": both, "bytes_per_step_self_only": self_only,
-            "MiB_per_step_both_sides": both / 2**20, "GiB_50_steps_both_sides": 50 * both / 2**30,
-            "GiB_50_steps_self_only": 50 * self_only / 2**30,
-            f"stored_of_50_steps_within_{DEFAULT_MEMORY_GB:g}_GB": {
-                "per-step features": len(stored_points(50, both, DEFAULT_MEMORY_GB)),
-                "self-attention features": len(stored_points(50, self_only, DEFAULT_MEMORY_GB))},
-        }
+    for family, sizes in (("sd15", (512,)), ("sd2_768", (768,)), ("sdxl", (768, 1024))):
+        layout = attention_layout(fm.MetaPatcher(family))
+        for size in sizes:
+            lat = (size // 8, size // 8)
+            both = feature_bytes_per_point(layout, ("attn1", "attn2"), 1, lat)
+            self_only = feature_bytes_per_point(layout, ("attn1",), 1, lat)
+            out[f"{family}_{size}px"] = {
+                "blocks": len(layout.sites), "bytes_per_step_both_sides": both, "bytes_per_step_self_only": self_only,
+                "MiB_per_step_both_sides": both / 2**20, "GiB_50_steps_both_sides": 50 * both / 2**30,
+                "GiB_50_steps_self_only": 50 * self_only / 2**30,
+                f"stored_of_50_steps_within_{DEFAULT_MEMORY_GB:g}_GB": {
+                    "per-step features": len(stored_points(50, both, DEFAULT_MEMORY_GB)),
+                    "self-attention features": len(stored_points(50, self_only, DEFAULT_MEMORY_GB))},
+            }
     return out
 
 
@@ -275,7 +277,7 @@ def run_architecture(arch: str, comfy, base_dir):
         state = {"layout": None}
 
         def finish(timing):
-            result = summarise(arch, timing, outputs, rows, peaks, cached, live, model, size, steps, rounds, device,
+            result = summarise(arch, timing, outputs, rows, peaks, cached, live, size, steps, rounds, device,
                                dtype, clock, described, state["layout"])
             write_result("inv_adapter" if arch == "standin" else f"inv_adapter_{arch}", result)
             return result
@@ -293,7 +295,7 @@ def run_architecture(arch: str, comfy, base_dir):
     return result
 
 
-def summarise(arch, timing, outputs, rows, peaks, cached, live, model, size, steps, rounds, device, dtype, clock,
+def summarise(arch, timing, outputs, rows, peaks, cached, live, size, steps, rounds, device, dtype, clock,
               described, layout_numbers) -> dict:
     med = {k: v["median"] for k, v in timing["seconds"].items()}
     ratio = timing["ratio"]
@@ -343,7 +345,7 @@ def summarise(arch, timing, outputs, rows, peaks, cached, live, model, size, ste
         "inv_features_memory": {"here": {"per_step_features_bytes": cached.nbytes(),
                                          "trajectory_only_bytes": live.nbytes(),
                                          "feature_bytes_per_step": cached.feature_bytes_per_step()},
-                                "by_reference_size_fp16": features_memory(model, size)},
+                                "real_models_fp16": features_memory()},
         "layout_measurements": layout_numbers,
         "targets": TARGETS, "checks": checks, "misses": [k for k, ok in checks.items() if not ok],
     }

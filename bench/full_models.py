@@ -105,6 +105,28 @@ def full_model(family: str = "sd15", dtype=None, device=None, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
+def meta_unet(family: str):
+    """The family's UNetModel on the meta device (no memory): for layouts and parameter counts."""
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config = getattr(comfy.supported_models, FAMILIES[family][0])(unet_config(family)).unet_config
+    config = {k: v for k, v in config.items() if k not in ("use_temporal_attention", "use_temporal_resblock")}
+    return UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
+
+
+class MetaPatcher:
+    """Just enough of a ModelPatcher for core/layout.attention_layout on a meta UNet."""
+
+    def __init__(self, family: str):
+        self.unet = meta_unet(family)
+        self.model = type("MetaModel", (), {"model_config": None, "model_type": None})()
+
+    def get_model_object(self, name):
+        return self.unet
+
+
 def parameter_count(model_patcher) -> int:
     return sum(p.numel() for p in model_patcher.model.diffusion_model.parameters())
 
