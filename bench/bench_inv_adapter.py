@@ -22,9 +22,10 @@ added time per model call over host and over its limit, peak memory; INV_FEATURE
 choice for 50 steps; the fast mode's deviation from the exact output on the same seed; three layout measurements
 (separate vs same-batch live reference pass, broadcast vs contiguous K' in the host kernel, two attention calls
 vs one batched call for the block's own and the reference attention).
-Device: CUDA in fp16 when present (LIKENESS_BENCH_DEVICE=auto|cpu|cuda), else the CPU in fp32 (SDXL in bfloat16 on
-the CPU: 5 GB instead of 10 GB of weights on a shared machine). Knobs: LIKENESS_BENCH_STEPS, LIKENESS_BENCH_ROUNDS,
-LIKENESS_BENCH_SIZE, LIKENESS_BENCH_MODES (a subset of the modes), LIKENESS_BENCH_THREADS (1).
+Device: CUDA in fp16 when present (LIKENESS_BENCH_DEVICE=auto|cpu|cuda), else the CPU in fp32; LIKENESS_BENCH_DTYPE=bf16
+halves the weights' memory and time on a CPU with bfloat16 instructions (the committed CPU results say which).
+Knobs: LIKENESS_BENCH_STEPS, LIKENESS_BENCH_ROUNDS, LIKENESS_BENCH_SIZE, LIKENESS_BENCH_MODES (a subset of the
+modes), LIKENESS_BENCH_THREADS (1).
 Run: .host/venv/bin/python bench/bench_inv_adapter.py [sd15 ...]
 """
 import contextlib
@@ -108,7 +109,7 @@ def provider_of(patched):
     return next(w for ws in patched.wrappers[WrappersMP.APPLY_MODEL].values() for w in ws).provider
 
 
-def layout_measurements(model, cond, size, device, dtype, clock, repeats=2, warmup=0):
+def layout_measurements(model, cond, size, device, dtype, clock, repeats=2, warmup=1):
     """Three choices the implementation rests on, measured on this model and device."""
     import comfy.ldm.modules.attention as attn
     import comfy.model_management
@@ -191,14 +192,12 @@ def run_architecture(arch: str, comfy, base_dir):
 
     device, dtype = fm.bench_device()
     full = arch != "standin"
-    if full and device.type == "cpu" and arch == "sdxl":
-        dtype = torch.bfloat16
     size = int(os.environ.get("LIKENESS_BENCH_SIZE", 0)) or (fm.native_size(arch) if full else 256)
     steps = int(os.environ.get("LIKENESS_BENCH_STEPS", 0)) or (2 if full and device.type == "cpu" else 6)
     rounds = int(os.environ.get("LIKENESS_BENCH_ROUNDS", 0)) or 3
     say(f"{arch}: {size}px, {steps} steps, {rounds} rounds on {device} ({dtype})")
     if full:
-        model, vae = fm.full_model(arch, dtype=dtype), fm.full_vae(arch, dtype=dtype if device.type == "cuda" else torch.float32)
+        model, vae = fm.full_model(arch, dtype=dtype), fm.full_vae(arch, dtype=dtype)
         pos, neg = fm.random_conditioning(arch, 1, size, size), fm.random_conditioning(arch, 2, size, size)
         caption = fm.random_conditioning(arch, 3, size, size)
         described = f"full {arch} UNet ({fm.parameter_count(model) / 1e6:.1f} M parameters, random weights of the real config)"

@@ -43,16 +43,23 @@ VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels
 VAE_SCALE = {"sd15": 0.18215, "sd2_768": 0.18215, "sdxl": 0.13025}
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def bench_device():
-    """(torch device, dtype) of a bench run: CUDA fp16 when present (or asked for), else CPU fp32."""
+    """(torch device, dtype) of a bench run: CUDA in fp16 when present (or asked for), else the CPU in fp32.
+    LIKENESS_BENCH_DEVICE = auto | cpu | cuda; LIKENESS_BENCH_DTYPE = fp32 | fp16 | bf16 overrides the dtype."""
     choice = os.environ.get("LIKENESS_BENCH_DEVICE", "auto")
     if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"LIKENESS_BENCH_DEVICE must be auto, cpu or cuda (got {choice!r})")
+    named = os.environ.get("LIKENESS_BENCH_DTYPE")
+    if named is not None and named not in DTYPES:
+        raise ValueError(f"LIKENESS_BENCH_DTYPE must be one of {', '.join(DTYPES)} (got {named!r})")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("LIKENESS_BENCH_DEVICE=cuda but torch sees no CUDA device")
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+        return torch.device("cuda"), DTYPES[named or "fp16"]
+    return torch.device("cpu"), DTYPES[named or "fp32"]
 
 
 @torch.no_grad()
