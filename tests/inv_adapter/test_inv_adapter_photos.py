@@ -72,14 +72,32 @@ def combined(F, mode):
     return (direction / direction.norm(dim=-1, keepdim=True) * norms.mean(0))[None]
 
 
+@pytest.fixture(scope="module")
+def sdxl_setup(lib):
+    """Two photos on the micro SDXL (depth-2 transformers, `y`)."""
+    import micro as m
+
+    model, clip, vae = m.micro_sdxl_model(), m.micro_sdxl_clip(), m.micro_vae()
+    caption = m.sdxl_conditioning(clip, "a photo of a face", 64, 64)
+    both = lib["ia"].extract_inv_features(model, vae, torch.cat([face_image(), second_face()]), caption, 2, size=64,
+                                          feature_dtype=torch.float32)
+    layout = lib["layout"].attention_layout(model)
+    spec = lib["eaa"].EAASpec.for_layout(layout, both.reference_latent, s_c=8)
+    adapter = lib["eaa"].EmbeddedAttentionAdapter(spec, dtype=torch.float32, device="cpu").init_random(7)
+    cond = (m.sdxl_conditioning(clip, "a person", 64, 64), m.sdxl_conditioning(clip, "blurry", 64, 64))
+    return {"model": model, "both": both, "layout": layout, "adapter": adapter, "cond": cond}
+
+
 @pytest.mark.parametrize("mode", ["concat", "average", "norm average"])
 @pytest.mark.parametrize("trained", [False, True], ids=["training_free", "trained"])
-def test_each_combine_mode_equals_a_direct_computation(lib, setup, mode, trained):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_each_combine_mode_equals_a_direct_computation(lib, request, mode, trained, family):
+    setup = request.getfixturevalue("setup" if family == "sd15" else "sdxl_setup")
     weight = 0.8
     adapter = setup["adapter"] if trained else None
     patched = lib["ia"].apply_inv_adapter(setup["model"], setup["both"], adapter=adapter, weight=weight, combine=mode)
     spied, log = fia.spy_on(lib["d"], patched)
-    sample(spied, POS, NEG, steps=2)
+    sample(spied, *setup.get("cond", (POS, NEG)), steps=2)
     sd = {k: v.double() for k, v in setup["model"].model.diffusion_model.state_dict().items()}
     state = {k: v.double() for k, v in setup["adapter"].state_dict().items()} if trained else None
     sites = set()
