@@ -45,8 +45,8 @@ class LikenessInvAdapterExtract(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Vae.Input("vae"),
-                io.Image.Input("image", tooltip="the face crop (Face Crop node); a batch = several photos of one person; non-square "
-                                       "images are centre-cropped"),
+                io.Image.Input("image", tooltip="the face crop (Face Crop node); a batch = several photos of one "
+                                                "person; non-square images are centre-cropped"),
                 io.Conditioning.Input("caption", tooltip="the caption of the face crop (e.g. 'a photo of a face')"),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="inversion steps; use the sampler's steps and scheduler so every step hits the cache"),
