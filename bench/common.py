@@ -5,7 +5,7 @@ SDXL architectures with random weights) or from scripts/ (the stand-in checkpoin
 
 Timing: `alternate` runs every mode once per round, in the same order, for several rounds in one process, and
 reports each mode's median and range and its ratio to a baseline mode taken within each round (so slow phases
-of a shared machine hit both sides of a ratio). On the CPU the clock is the process's CPU time (threads are
+of a shared machine hit both sides of a ratio). On the CPU the clock is the process's user CPU time (threads are
 pinned to LIKENESS_BENCH_THREADS, 1 by default); on CUDA it is wall time after a device synchronise.
 """
 import json
@@ -47,18 +47,19 @@ def threads() -> int:
 
 
 class Clock:
-    """CPU time of this process on the CPU; wall time with a synchronise on CUDA."""
+    """On the CPU, the user CPU time of this process: on a shared machine neither waiting for a core nor the
+    kernel's page-fault work under memory pressure (system time) counts. Wall time after a synchronise on CUDA."""
 
     def __init__(self, device):
         import torch
 
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         self._sync = torch.cuda.synchronize if self.cuda else (lambda: None)
-        self.kind = "wall time (CUDA synchronised)" if self.cuda else "process CPU time"
+        self.kind = "wall time (CUDA synchronised)" if self.cuda else "user CPU time of the process"
 
     def __call__(self) -> float:
         self._sync()
-        return time.perf_counter() if self.cuda else time.process_time()
+        return time.perf_counter() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def median_times(fns: dict, repeats=5, warmup=1, clock=None) -> dict:
