@@ -1,14 +1,24 @@
-"""Shared set-up for the benchmarks: an in-process host, the stand-in checkpoint, timing helpers."""
+"""Shared set-up for the benchmarks: an in-process host, the stand-in checkpoint, timing and memory helpers.
+
+Benchmarks build what they measure from the host's own classes (bench/full_models.py: the real SD1.5, SD2-768 and
+SDXL architectures with random weights) or from scripts/ (the stand-in checkpoint); they never import test code.
+
+Timing: `alternate` runs every mode once per round, in the same order, for several rounds in one process, and
+reports each mode's median and range and its ratio to a baseline mode taken within each round (so slow phases
+of a shared machine hit both sides of a ratio). On the CPU the clock is the process's user CPU time (threads are
+pinned to LIKENESS_BENCH_THREADS, 1 by default); on CUDA it is wall time after a device synchronise.
+"""
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
-sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
@@ -34,18 +44,145 @@ def standin_checkpoint(comfy, base, family="sd15"):
     return nodes.CheckpointLoaderSimple().load_checkpoint(name)
 
 
-def median_times(fns: dict, repeats=5, warmup=1) -> dict:
-    """Median wall time of each function, measured round-robin so background load hits all of them alike."""
+def threads() -> int:
+    return int(os.environ.get("LIKENESS_BENCH_THREADS", 1))
+
+
+class Clock:
+    """On the CPU, the user CPU time of this process: on a shared machine neither waiting for a core nor the
+    kernel's page-fault work under memory pressure (system time) counts. Wall time after a synchronise on CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self._sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.kind = "wall time (CUDA synchronised)" if self.cuda else "user CPU time of the process"
+
+    def __call__(self) -> float:
+        self._sync()
+        return time.perf_counter() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+def median_times(fns: dict, repeats=5, warmup=1, clock=None) -> dict:
+    """Median time of each function, measured round-robin so background load hits all of them alike."""
+    clock = clock or time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def summary(values) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def alternate(fns: dict, baseline: str, rounds: int, clock, warmup: bool = True, log=None, observe=None,
+              on_round=None) -> dict:
+    """Every mode once per round, `rounds` rounds, in one process: {"seconds": {mode: summary},
+    "ratio": {mode: summary of time / baseline time of the same round}, "raw": {mode: [seconds]}}.
+
+    observe(mode, round): a context manager around each timed call (e.g. PeakMemory in the first round), entered
+    before the clock starts; on_round(partial result) after every round (to keep what a long run has measured)."""
+    import contextlib
+
+    if warmup:
+        for fn in fns.values():
+            fn()
+    raw = {k: [] for k in fns}
+
+    def result():
+        done = {k: v for k, v in raw.items() if v}
+        ratio = {k: summary([a / b for a, b in zip(done[k], done[baseline])]) for k in done if k != baseline}
+        return {"seconds": {k: summary(v) for k, v in done.items()}, "ratio": ratio, "raw": done}
+
+    for r in range(rounds):
+        for k, fn in fns.items():
+            with (observe(k, r) if observe else contextlib.nullcontext()):
+                t = clock()
+                fn()
+                raw[k].append(clock() - t)
+            if log:
+                log(f"round {r + 1}/{rounds} {k}: {raw[k][-1]:.2f} s")
+        if on_round:
+            on_round(result())
+    return result()
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started: CUDA allocator peak on a GPU, else the
+    process's resident set sampled every 20 ms (plus the kernel's high-water mark when it rose)."""
+
+    def __init__(self, device, interval=0.02):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.interval = interval
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        _release_free_memory()
+        self._start = self._rss()
+        self._hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._max = self._start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, self._rss())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
+            return False
+        self._stop.set()
+        self._thread.join()
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = max(self._max, hwm if hwm > self._hwm else 0)
+        self.peak_bytes = max(0, peak - self._start)
+        return False
+
+
+def _release_free_memory():
+    """Give freed heap pages back to the system so the resident set starts from what is really in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_mib(fn, device) -> float:
+    with PeakMemory(device) as p:
+        fn()
+    return p.peak_bytes / 2**20
 
 
 class EvalCounter:

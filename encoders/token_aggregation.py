@@ -49,3 +49,45 @@ class TokenAggregation(torch.nn.Module):
         if features.shape[1] != self.tokens:
             raise ValueError(f"token aggregation expects {self.tokens} reference tokens, got {features.shape[1]}")
         return self.proj(features.transpose(1, 2)).transpose(1, 2)
+
+
+# --- several reference photos and the fast mode (docs/methods/inv-adapter.md) ----------------------------------------
+
+COMBINE_MODES = ("concat", "average", "norm average")
+
+
+def combine_photos(features: torch.Tensor, mode: str) -> torch.Tensor:
+    """(photos, tokens, width) -> (1, tokens', width): one reference token set from several photos.
+
+    concat:       every photo's tokens side by side (photos * tokens): attention over all of them
+    average:      the per-token mean over photos (the tokens of one photo; the faces are aligned by Face Crop)
+    norm average: the mean of the per-token unit vectors, rescaled to the mean per-token norm, so photos that
+                  disagree do not shrink the average towards zero
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)} (got {mode!r})")
+    n, s, d = features.shape
+    if n == 1:
+        return features
+    if mode == "concat":
+        return features.reshape(1, n * s, d)
+    if mode == "average":
+        return features.mean(0, keepdim=True)
+    norms = features.norm(dim=-1, keepdim=True)
+    unit = features / norms.clamp_min(torch.finfo(features.dtype).tiny)
+    direction = unit.mean(0, keepdim=True)
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny) \
+        * norms.mean(0, keepdim=True)
+
+
+def pool_grid(features: torch.Tensor, grid: tuple, factor: int) -> torch.Tensor:
+    """(batch, h*w, width) tokens of an h x w grid -> (batch, ceil(h/f)*ceil(w/f), width), f x f averages."""
+    if factor <= 1:
+        return features
+    h, w = int(grid[0]), int(grid[1])
+    b, s, d = features.shape
+    if h * w != s:
+        raise ValueError(f"the reference has {s} tokens, not the {h}x{w} grid expected at this block")
+    x = features.transpose(1, 2).reshape(b, d, h, w)
+    x = F.avg_pool2d(x, factor, stride=factor, ceil_mode=True)
+    return x.reshape(b, d, -1).transpose(1, 2)

@@ -19,12 +19,13 @@ import os
 import torch
 
 from ..attention.dispatcher import add_contribution
-from ..attention.inv_adapter import EAAContribution
+from ..attention.inv_adapter import EAAContribution, reference_conditioning
 from ..core.layout import attention_layout, weights_digest
 from ..attention.reference_features import FeatureCapture
 from ..encoders.embedded_attention_adapter import EAASpec, EmbeddedAttentionAdapter
 from .data import ImageDataset
-from .diffusion import (add_noise, check_trainable_model, denoise, encode_images, eps_from_denoised, eps_loss, fresh)
+from .diffusion import (add_noise, check_trainable_model, denoise, encode_images, eps_from_denoised, eps_loss, fresh,
+                        size_conditioning_y)
 from .face_data import face_dataset
 from .method import MethodTrainer
 from .prompt import CaptionEncoder
@@ -73,7 +74,8 @@ class InvAdapterStep(torch.nn.Module):
         tr = self._trainer[0]
         tr.features.current = b["features"]
         try:
-            denoised = denoise(tr.train_patcher, b["x_t"], b["sigma"], b["context"])
+            extra = {} if b.get("y") is None else {"y": b["y"]}
+            denoised = denoise(tr.train_patcher, b["x_t"], b["sigma"], b["context"], **extra)
         finally:
             tr.features.current = None
         loss = eps_loss(eps_from_denoised(b["x_t"], b["sigma"], denoised), b["noise"])
@@ -121,11 +123,12 @@ class InvAdapterTrainer(MethodTrainer):
             layer = self.adapter.layer(site.key)
             if "self" in self.sides:
                 add_contribution(self.train_patcher, "attn1", site.key,
-                                 EAAContribution(self.features, "attn1", site.key, layer.self_k, layer.self_v))
+                                 EAAContribution(self.features, "attn1", site.key, layer.self_k, layer.self_v,
+                                                 combine="per_row"))
             if "cross" in self.sides:
                 add_contribution(self.train_patcher, "attn2", site.key,
                                  EAAContribution(self.features, "attn2", site.key, layer.cross_k, layer.cross_v,
-                                                 aggregate=layer.aggregate_tokens))
+                                                 aggregate=layer.aggregate_tokens, combine="per_row"))
         self.captions = CaptionEncoder(self.base.clip)
         self.module = InvAdapterStep(self.adapter, self)
         self.digest = weights_digest(self.base.model)
@@ -169,7 +172,8 @@ class InvAdapterTrainer(MethodTrainer):
         else:
             with torch.no_grad():
                 raw = self.base.vae.encode(face[None, ..., :3].float())
-                cond = [[self.captions([caption]), {}]]
+                context, pooled = self.captions.with_pooled([caption])
+                cond = reference_conditioning(self.base.model, context, pooled, self.reference_size)
                 traj = ddim_invert_trajectory(self.base.model, cond, {"samples": raw}, self.steps, self.scheduler)
             found = (traj.sigmas.float().cpu(), traj.latents[:, 0].float().cpu())
             if path:
@@ -195,16 +199,22 @@ class InvAdapterTrainer(MethodTrainer):
             reference = torch.stack([tr[1][i] for tr, i in zip(trajectories, k)])
             noise = torch.randn(x0.shape, generator=generator)
             x_t = add_noise(self.train_patcher, x0.cpu(), sigma, noise)
-            context = self.captions(captions)
-            features = self.reference_features(reference.to(device), sigma.to(device), context.to(device))
+            context, pooled = self.captions.with_pooled(captions)
+            y = size_conditioning_y(self.train_patcher, pooled, images.shape[1], images.shape[2])
+            y_ref = size_conditioning_y(self.train_patcher, pooled, self.reference_size, self.reference_size)
+            features = self.reference_features(reference.to(device), sigma.to(device), context.to(device),
+                                               None if y_ref is None else y_ref.to(device))
         return {"x_t": x_t.to(device), "sigma": sigma.to(device), "noise": noise.to(device),
-                "context": context.to(device), "features": features}
+                "context": context.to(device), "y": None if y is None else y.to(device), "features": features}
 
-    def reference_features(self, latents, sigma, caption) -> dict:
-        """The frozen UNet (no EAA) on Z_t^p with C_inv: {(site, key): (B, tokens, width)}."""
+    def reference_features(self, latents, sigma, caption, y=None) -> dict:
+        """The frozen UNet (no EAA) on Z_t^p with C_inv (and the reference branch's y): {(site, key): (B, tokens,
+        width)}."""
         store = {}
         patches = {"attn1_patch": [BatchCapture("attn1", store)], "attn2_patch": [BatchCapture("attn2", store)]}
-        self.train_patcher.model.apply_model(latents, sigma, c_crossattn=caption, transformer_options={"patches": patches})
+        extra = {} if y is None else {"y": y}
+        self.train_patcher.model.apply_model(latents, sigma, c_crossattn=caption, transformer_options={"patches": patches},
+                                             **extra)
         return store
 
     # --- outputs --------------------------------------------------------------------------------------------
@@ -236,7 +246,7 @@ class InvAdapterTrainer(MethodTrainer):
         model = apply_inv_adapter(self.base.model, features, adapter=(module or self.module).adapter, weight=1.0)
         negative = nodes.CLIPTextEncode().encode(self.base.clip, "")[0]
         size = self.config.resolution // 8
-        latent = torch.zeros(1, 4, size, size)
+        latent = torch.zeros(1, self.base.model.model.latent_format.latent_channels, size, size)
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), steps, 5.0, "euler", "ddim_uniform",
                                       cond, negative, latent, seed=0, disable_pbar=True)
         return self.base.vae.decode(samples)

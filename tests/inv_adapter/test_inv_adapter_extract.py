@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fixtures_inv_adapter import face_image, layout_model, random_cond, sample
+from fixtures_inv_adapter import direct_norm_features, face_image, layout_model, random_cond, sample
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +43,11 @@ def feats16(lib, model, vae):
     return lib["ia"].extract_inv_features(model, vae, face_image(), CAPTION, 4, size=64)
 
 
-def direct_norm_features(model, layout, latent, sigma, caption):
-    """norm1/norm2 outputs of every BasicTransformerBlock via torch forward hooks, on a model with no patches."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    out, handles = {}, []
-    dm = model.model.diffusion_model
-    for s in layout.sites:
-        block = dm.get_submodule(s.path)
-        for site, norm in (("attn1", block.norm1), ("attn2", block.norm2)):
-            handles.append(norm.register_forward_hook(
-                lambda mod, inp, o, key=(site, s.key): out.__setitem__(key, o.detach().clone())))
-    try:
-        with torch.no_grad():
-            model.model.apply_model(latent, torch.tensor([sigma]), c_crossattn=caption, transformer_options={})
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
 def test_extracted_features_equal_a_direct_reference_branch(lib, model, feats32, feats16):
     layout = lib["layout"].attention_layout(model)
     assert set(feats32.features) == {1, 2, 3, 4}
     for k in (1, 2, 4):
-        direct = direct_norm_features(model, layout, feats32.latents[k:k + 1], float(feats32.sigmas[k]), CAPTION[0][0])
+        direct = direct_norm_features(model, layout, feats32.latents[k], float(feats32.sigmas[k]), CAPTION[0][0])
         assert set(direct) == set(feats32.features[k]) and len(direct) == 2 * len(layout.sites)
         for key, t in direct.items():
             assert torch.allclose(feats32.features[k][key], t, atol=1e-5, rtol=1e-5), (k, key)
@@ -80,7 +59,7 @@ def test_live_reference_branch_equals_the_cache(lib, model, feats32):
     provider = lib["rf"].ReferenceProvider(feats32)
     for k in (1, 3):
         sigma = float(feats32.sigmas[k])
-        live = lib["rf"].run_reference_branch(model.model, feats32.latents[k:k + 1], sigma, feats32.caption)
+        live = lib["rf"].run_reference_branch(model.model, feats32.latents[k], sigma, feats32.caption)
         assert set(live) == set(feats32.features[k])
         for key in live:
             assert torch.allclose(live[key], feats32.features[k][key], atol=1e-5)
@@ -97,19 +76,19 @@ def test_trajectory_is_the_inversion(lib, model, vae, feats32):
     pixels = lib["ia"].prepare_reference_image(face_image(), 64)
     latent = {"samples": vae.encode(pixels)}
     inverted, _ = lib["inv"].ddim_invert(model, CAPTION, latent, 4)
-    top = model.model.process_latent_out(f.latents[-1:])
+    top = model.model.process_latent_out(f.latents[-1])
     assert torch.allclose(inverted["samples"], top, atol=1e-5)
 
 
 def test_latent_at_takes_the_inversion_step_from_the_point_below(lib, feats32):
     f = feats32
     for k in range(f.steps + 1):
-        assert torch.equal(f.latent_at(float(f.sigmas[k])), f.latents[k:k + 1])
+        assert torch.equal(f.latent_at(float(f.sigmas[k])), f.latents[k])
     mid = 0.5 * float(f.sigmas[1] + f.sigmas[2])
-    expected = f.latents[1:2] + (mid - float(f.sigmas[1])) * f.eps[1:2]
+    expected = f.latents[1] + (mid - float(f.sigmas[1])) * f.eps[1]
     assert torch.allclose(f.latent_at(mid), expected)
     above = float(f.sigmas[-1]) * 1.5
-    assert torch.allclose(f.latent_at(above), f.latents[-1:] + (above - float(f.sigmas[-1])) * f.eps[-1:])
+    assert torch.allclose(f.latent_at(above), f.latents[-1] + (above - float(f.sigmas[-1])) * f.eps[-1])
 
 
 def _features_without_cache(f):
@@ -232,7 +211,7 @@ def test_bad_files_are_named_in_plain_words(lib, model, feats16, tmp_path):
         lib["eaa"].load_eaa(str(tmp_path / "damaged.safetensors"))
 
 
-@pytest.mark.parametrize("shape,match", [((1, 20, 40, 3), "only 40x20 pixels"), ((2, 64, 64, 3), "batch of 2"),
+@pytest.mark.parametrize("shape,match", [((1, 20, 40, 3), "only 40x20 pixels"), ((0, 64, 64, 3), "empty batch"),
                                          ((1, 64, 64, 2), "2 channels")])
 def test_bad_images_are_refused(lib, model, vae, shape, match):
     with pytest.raises(ValueError, match=match):

@@ -1,11 +1,10 @@
 """Inv-Adapter's equations (docs/methods/inv-adapter.md, eqs. 2-5) against an independent computation on the q/k/v the host
 actually passed, and the token aggregation against plain average pooling."""
-import math
-
 import pytest
 import torch
 
-from fixtures_inv_adapter import Spy, face_image, layout_model, random_cond, sample
+import fixtures_inv_adapter as fia
+from fixtures_inv_adapter import face_image, layout_model, manual_attention, random_cond, sample
 
 
 @pytest.fixture(scope="module")
@@ -31,29 +30,12 @@ def setup(lib):
     return {"model": model, "feats": feats, "layout": layout, "adapter": adapter}
 
 
-def manual_attention(q, k, v, heads):
-    """softmax(Q K^T / sqrt(d_head)) V per head, written out (no host code)."""
-    b, t, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, t, heads, d).transpose(1, 2).double()
-    kh = k.expand(b, -1, -1).reshape(b, k.shape[1], heads, d).transpose(1, 2).double()
-    vh = v.expand(b, -1, -1).reshape(b, v.shape[1], heads, d).transpose(1, 2).double()
-    w = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (w @ vh).transpose(1, 2).reshape(b, t, inner)
-
-
 def spy_on(lib, model):
-    log = []
-    spied = model.clone()
-    for (site, key), disp in lib["d"].dispatchers(model).items():
-        spied.set_model_patch_replace(Spy(disp, log), site, *key)
-    return spied, log
+    return fia.spy_on(lib["d"], model)
 
 
 def reference_features(lib, eo, site, key):
-    per = eo[lib["rf"].FEATURES_KEY]
-    assert len(per) == 1
-    return next(iter(per.values()))[(site, key)].double()
+    return fia.handed_features(lib["rf"], eo, site, key)
 
 
 def test_trained_mode_equals_equations_2_to_5(lib, setup):

@@ -136,5 +136,26 @@ def test_nodes_are_registered_with_their_types(host):
         cls = nodes.NODE_CLASS_MAPPINGS[name]
         assert cls.GET_SCHEMA().category == "Likeness/inv_adapter"
     apply_inputs = nodes.NODE_CLASS_MAPPINGS["LikenessInvAdapterApply"].INPUT_TYPES()
-    assert set(apply_inputs["optional"]) == {"adapter", "attn_mask"}
+    assert set(apply_inputs["optional"]) == {"adapter", "attn_mask", "combine", "speed"}
+    assert apply_inputs["optional"]["speed"][1]["default"] == "exact"  # the fast mode is opt-in
     assert apply_inputs["required"]["weight"][1]["default"] == 0.8
+
+
+def test_the_two_photo_workflow_changes_its_image_when_the_second_photo_is_added(host, workflow_assets, base_dir):
+    import workflow_tools as wt
+
+    two = wt.shrink(wt.load(os.path.join(wt.API_DIR, "inv_adapter_two_photos.json")))
+    one = json.loads(json.dumps(two))
+    extract = next(k for k, v in one.items() if v["class_type"] == "LikenessInvAdapterExtract")
+    batch = one[extract]["inputs"]["image"][0]
+    assert two[batch]["class_type"] == "ImageBatch"
+    one[extract]["inputs"]["image"] = two[batch]["inputs"]["image1"]  # the first photo alone
+    save = next(k for k, v in one.items() if v["class_type"] == "SaveImage")
+    one[save]["inputs"]["filename_prefix"] = "inv_one_photo"
+    two[save]["inputs"]["filename_prefix"] = "inv_two_photos"
+    images = []
+    for prompt in (one, two):
+        ok, outputs, messages = host.run(prompt)
+        assert ok, messages
+        images.append(image_of(outputs, base_dir, save))
+    assert np.abs(images[0] - images[1]).max() > 0

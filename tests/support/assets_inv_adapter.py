@@ -18,6 +18,8 @@ import torch
 import standins
 
 EAA_NAME = "inv_adapter_eaa_sd15.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SECOND_PHOTO = "astronaut_2.png"
 CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"
 CHECKPOINT = standins.CHECKPOINT_NAME
 REFERENCE_SIZE = 64
@@ -71,3 +73,30 @@ def prepare(base_dir: str, comfy_dir: str):
     eaa = os.path.join(models, "likeness", EAA_NAME)
     if not os.path.exists(eaa):
         write_standin_eaa(eaa, os.path.join(models, "checkpoints", CHECKPOINT))
+    place_sdxl_checkpoint(base_dir, comfy_dir)
+    photo = os.path.join(base_dir, "input", SECOND_PHOTO)
+    if not os.path.exists(photo):
+        write_second_photo(photo)
+
+
+def place_sdxl_checkpoint(base_dir: str, comfy_dir: str) -> str:
+    folder = os.path.join(base_dir, "models", "checkpoints")
+    target = os.path.join(folder, SDXL_CHECKPOINT)
+    if not os.path.exists(target):
+        source = os.path.join(folder, standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl"))
+        try:
+            os.link(source, target)
+        except OSError:
+            os.symlink(source, target)
+    return SDXL_CHECKPOINT
+
+
+def write_second_photo(path: str) -> str:
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    face = np.asarray(data.astronaut())[:, ::-1]          # mirrored
+    h, w = face.shape[:2]
+    Image.fromarray(np.ascontiguousarray(face[20:h - 40, 40:w - 20])).save(path)  # cropped closer
+    return path

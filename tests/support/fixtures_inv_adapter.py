@@ -114,3 +114,96 @@ class Spy:
 
     def __deepcopy__(self, memo):
         return self
+
+
+def micro_sd2_v(seed: int = 3):
+    """An SD2-768-style micro model: the host's SD20 config (linear in/out of the transformers, 64-channel heads),
+    v-prediction, context 64, 64 channels."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD20({**m.unet_config(context=64, channels=64), "use_linear_in_transformer": True})
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
+    m._fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+# --- independent statements of the equations -------------------------------------------------------------------
+
+def manual_attention(q, k, v, heads):
+    """softmax(Q K^T / sqrt(d_head)) V per head, written out (no host code); k, v with batch 1 broadcast."""
+    import math
+
+    b, t, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, t, heads, d).transpose(1, 2).double()
+    kh = k.double().expand(b, -1, -1).reshape(b, k.shape[1], heads, d).transpose(1, 2)
+    vh = v.double().expand(b, -1, -1).reshape(b, v.shape[1], heads, d).transpose(1, 2)
+    w = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (w @ vh).transpose(1, 2).reshape(b, t, inner)
+
+
+def spy_on(dispatcher_module, model):
+    """A clone whose dispatchers are wrapped in a Spy; returns (clone, log of every call)."""
+    log = []
+    spied = model.clone()
+    for (site, key), disp in dispatcher_module.dispatchers(model).items():
+        spied.set_model_patch_replace(Spy(disp, log), site, *key)
+    return spied, log
+
+
+def call_site(entry):
+    """(attn1|attn2, block key) of a Spy log entry: self-attention has as many keys as queries."""
+    eo = entry["eo"]
+    key = (eo["block"][0], eo["block"][1], eo.get("block_index", 0))
+    return ("attn1" if entry["k"].shape[1] == entry["q"].shape[1] else "attn2"), key
+
+
+def handed_features(reference_module, eo, site, key):
+    """The reference features the wrapper handed to the processors of this call."""
+    per = eo[reference_module.FEATURES_KEY]
+    assert len(per) == 1
+    return next(iter(per.values()))[(site, key)].double()
+
+
+def direct_norm_features(model, layout, latent, sigma, caption, y=None):
+    """norm1/norm2 outputs of every BasicTransformerBlock via torch forward hooks, on the model with no patches:
+    {(attn1|attn2, block key): (batch, tokens, width)}. sigma: a float or one per row."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    out, handles = {}, []
+    dm = model.model.diffusion_model
+    for s in layout.sites:
+        block = dm.get_submodule(s.path)
+        for site, norm in (("attn1", block.norm1), ("attn2", block.norm2)):
+            handles.append(norm.register_forward_hook(
+                lambda mod, inp, o, key=(site, s.key): out.__setitem__(key, o.detach().clone())))
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(latent.shape[0])
+    try:
+        with torch.no_grad():
+            extra = {} if y is None else {"y": y}
+            model.model.apply_model(latent, sigma, c_crossattn=caption, transformer_options={}, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def eaa_projection(site, key, layout, model_sd, adapter_sd=None):
+    """(aggregation, W'_k, W'_v) of one block, read from state dicts for an independent computation: the adapter's
+    matrices and, on its cross side, its token aggregation F'[:, j] = sum_i A_ji F[:, i] + b_j (trained), or the
+    block's own attn1 to_k / to_v and no aggregation (training-free)."""
+    if adapter_sd is None:
+        path = layout.site(key).path
+        return (lambda F: F), model_sd[f"{path}.attn1.to_k.weight"], model_sd[f"{path}.attn1.to_v.weight"]
+    name = f"{key[0]}_{int(key[1])}_{int(key[2])}"
+    side = "self" if site == "attn1" else "cross"
+    aggregate = lambda F: F  # noqa: E731
+    if side == "cross" and f"layers.{name}.aggregate.proj.weight" in adapter_sd:
+        A, b = adapter_sd[f"layers.{name}.aggregate.proj.weight"], adapter_sd[f"layers.{name}.aggregate.proj.bias"]
+        aggregate = lambda F: torch.einsum("ji,bid->bjd", A, F) + b[None, :, None]  # noqa: E731
+    return aggregate, adapter_sd[f"layers.{name}.{side}_k.weight"], adapter_sd[f"layers.{name}.{side}_v.weight"]
