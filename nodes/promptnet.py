@@ -68,22 +68,22 @@ class LikenessPromptNetConcept(io.ComfyNode):
                 io.Model.Input("model", tooltip="the model you sample with (for the latent scale and the check)"),
                 io.Image.Input("image", tooltip="the reference photo, or a batch of photos of one subject (a face "
                                                 "crop for the FFHQ PromptNet)"),
-                io.Combo.Input("reference_encoding", options=list(ENCODINGS), default="pack", optional=True,
-                               tooltip="pack: centre crop and the VAE's mean latent; official: ProFusion's pipeline, "
-                                       "resized without a crop and a latent sampled from the VAE (fixed seed)"),
                 io.String.Input("weights", default="1.0", optional=True,
                                 tooltip="one weight per photo, separated by commas (one number: every photo). "
                                         "ProFusion's extra_ref_image_scales are w_concept x these weights"),
                 io.Combo.Input("combine", options=list(COMBINE_MODES), default=MIXTURE, optional=True,
                                tooltip="mixture: ProFusion's weighted mixture of each photo's guided prediction "
                                        "(one condition per photo); average: one S*, the weighted mean (cheaper)"),
+                io.Combo.Input("reference_encoding", options=list(ENCODINGS), default="pack", optional=True,
+                               tooltip="pack: centre crop and the VAE's mean latent; official: ProFusion's pipeline, "
+                                       "resized without a crop and a latent sampled from the VAE (fixed seed)"),
             ],
             outputs=[Concept.Output(display_name="concept")],
         )
 
     @classmethod
-    def execute(cls, promptnet, clip_vision, vae, model, image, reference_encoding="pack", weights="1.0",
-                combine=MIXTURE) -> io.NodeOutput:
+    def execute(cls, promptnet, clip_vision, vae, model, image, weights="1.0", combine=MIXTURE,
+                reference_encoding="pack") -> io.NodeOutput:
         if not isinstance(promptnet, PromptNetModel):
             raise ValueError("the promptnet input must come from 'PromptNet Loader (ProFusion)'")
         if image.ndim != 4 or image.shape[0] < 1:

@@ -78,7 +78,7 @@ def test_promptnet_concept_node_takes_the_encoding(lib, models):
     model, image = m.micro_model(), photo()
     concept = lib["nodes"].LikenessPromptNetConcept.execute
     pack = concept(promptnet, models["cv"], models["vae"], model, image).result[0]
-    official = concept(promptnet, models["cv"], models["vae"], model, image, "official").result[0]
+    official = concept(promptnet, models["cv"], models["vae"], model, image, reference_encoding="official").result[0]
     (a,), (b,) = pack.vectors.values(), official.vectors.values()
     assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-6)
     assert official.dynamic.reference_latent.shape == (1, 4, 8, 8)
