@@ -4,15 +4,23 @@ import os
 import folder_paths
 
 SAFETENSORS = {".safetensors", ".sft"}
+TORCH_WEIGHTS = {".pt", ".pth", ".bin"}
 
 # key -> folder name under models/. Weights are safetensors only.
 PACK_FOLDERS = {
     "likeness": "likeness",                # adapters of the four methods
     "likeness_concepts": "likeness/concepts",  # saved concepts and inversion features
 }
+# Other projects' published weights as their users download them (PyTorch files, read only with the host's
+# weights-only loader and converted to safetensors): ELITE's global_mapper.pt / local_mapper.pt.
+FOREIGN_FOLDERS = {"likeness_elite": "likeness/elite"}
 
 
 def register_model_folders():
+    for key, sub in FOREIGN_FOLDERS.items():
+        path = os.path.join(folder_paths.models_dir, *sub.split("/"))
+        paths = folder_paths.folder_names_and_paths.get(key, ([], set()))[0]
+        folder_paths.folder_names_and_paths[key] = (paths + [path] if path not in paths else paths, TORCH_WEIGHTS)
     for key, sub in PACK_FOLDERS.items():
         path = os.path.join(folder_paths.models_dir, *sub.split("/"))
         if key in folder_paths.folder_names_and_paths:

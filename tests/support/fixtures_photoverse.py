@@ -29,12 +29,12 @@ def unet_model(context: int, sd2: bool = False, channels: int = 32, seed: int = 
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
-def random_adapter_file(path, model, clip_vision, seed=0, scale=1.0, hidden=HIDDEN, text_width=None):
+def random_adapter_file(path, model, clip_vision, seed=0, scale=1.0, hidden=HIDDEN, text_widths=None, mapper="mlp"):
     from comfyui_likeness.concepts.photoverse_concept import clip_vision_signature
     from comfyui_likeness.weights.photoverse import write_random_photoverse
 
     return write_random_photoverse(str(path), model, clip_vision_signature(clip_vision), seed=seed, scale=scale,
-                                   hidden=hidden, text_width=text_width)
+                                   hidden=hidden, text_widths=text_widths, mapper=mapper)
 
 
 def loaded_adapter(path, model, clip_vision, **kw):
