@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..attention.photoverse import MAX_SCALE, apply_photoverse
 from ..concepts.combine import COMBINE_MODES
-from ..concepts.photoverse_concept import VISUAL_TOKEN_MODES, encode_photoverse_concept
+from ..concepts.photoverse_concept import VISUAL_TOKEN_MODES, clip_vision_signature, encode_photoverse_concept
 from ..folders import safetensors_files
 from ..weights.elite_convert import WHAT_IT_IS as ELITE_WHAT, convert_elite
 from ..weights.photoverse import load_photoverse
@@ -96,6 +96,7 @@ class LikenessEliteLoader(io.ComfyNode):
                          "(models/likeness/elite/converted). For SD1.x models; it encodes objects, not faces."),
             inputs=[
                 io.Model.Input("model", tooltip="the SD1.x model the weights are used with (its block layout)"),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14, the image encoder ELITE was trained with"),
                 io.Combo.Input("global_mapper", options=folder_paths.get_filename_list(ELITE_FOLDER),
                                tooltip="ELITE's global_mapper.pt"),
                 io.Combo.Input("local_mapper", options=[NO_LOCAL] + folder_paths.get_filename_list(ELITE_FOLDER),
@@ -105,11 +106,12 @@ class LikenessEliteLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, global_mapper, local_mapper) -> io.NodeOutput:
+    def execute(cls, model, clip_vision, global_mapper, local_mapper) -> io.NodeOutput:
         global_path = _full_path(ELITE_FOLDER, global_mapper, "global_mapper")
         local_path = None if local_mapper == NO_LOCAL else _full_path(ELITE_FOLDER, local_mapper, "local_mapper")
         cache = os.path.join(folder_paths.get_folder_paths(ELITE_FOLDER)[0], "converted")
-        return io.NodeOutput(load_photoverse(convert_elite(global_path, local_path, model, cache)))
+        path = convert_elite(global_path, local_path, model, clip_vision_signature(clip_vision), cache)
+        return io.NodeOutput(load_photoverse(path))
 
 
 class LikenessPhotoVerseApply(io.ComfyNode):

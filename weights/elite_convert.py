@@ -35,9 +35,6 @@ from .safetensors_file import WeightFileError, check_tensors
 
 log = logging.getLogger("likeness")
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-# The CLIP vision ELITE's mappers were trained on (openai/clip-vit-large-patch14): a fact of the published files.
-ELITE_CLIP_VISION = {"width": 1024, "layers": 24, "image_size": 224, "patch": 14}
 WHAT_IT_IS = ("ELITE's published encoder (Wei et al. 2023): trained on Open Images objects with Stable Diffusion 1.4 "
               "and CLIP ViT-L/14, no face training")
 
@@ -104,23 +101,27 @@ def _take(sd: dict, keys: dict, name: str) -> dict:
     return {ours: sd[theirs] for ours, theirs in keys.items()}
 
 
-def elite_adapter(global_sd: dict, local_sd: dict | None, model_patcher, source: str, names=("global", "local")):
-    """A PhotoVerseAdapter holding ELITE's global (and local) mapper for the connected model."""
+def elite_adapter(global_sd: dict, local_sd: dict | None, model_patcher, clip_vision_signature: dict, source: str,
+                  names=("global", "local")):
+    """A PhotoVerseAdapter holding ELITE's global (and local) mapper for the connected model and CLIP vision."""
     from ..core.layout import attention_layout
+    from ..encoders.photoverse import describe_clip_vision
 
     layout = attention_layout(model_patcher)
     layers, clip_width, hidden, text_width = mapper_dims(global_sd, names[0])
-    clip_layers = default_clip_layers(ELITE_CLIP_VISION["layers"])
-    if clip_width != ELITE_CLIP_VISION["width"] or layers != len(clip_layers):
-        raise WeightFileError(f"'{names[0]}' reads {layers} layers of a {clip_width}-wide CLIP vision; ELITE's mappers "
-                              f"read 5 layers of CLIP ViT-L/14 (1024 wide)")
+    clip_layers = default_clip_layers(int(clip_vision_signature["layers"]))
+    if layers != len(clip_layers):
+        raise WeightFileError(f"'{names[0]}' has {layers} mapping heads; ELITE's mappers read 5 CLIP layers")
+    if clip_width != int(clip_vision_signature["width"]):
+        raise WeightFileError(f"'{names[0]}' reads {clip_width}-wide CLIP features but the connected CLIP vision is "
+                              f"{describe_clip_vision(clip_vision_signature)}; ELITE's weights need CLIP ViT-L/14")
     if text_width != layout.context_dim:
         raise WeightFileError(f"'{names[0]}' makes {text_width}-wide words but the model's cross-attention context is "
                               f"{layout.context_dim} ({layout.describe()}); ELITE's weights are for SD1.x (768)")
     if local_sd is not None and mapper_dims(local_sd, names[1]) != (layers, clip_width, hidden, layout.context_dim):
         raise WeightFileError(f"'{names[1]}' is not the local mapper of the same ELITE model as '{names[0]}' "
                               f"(its sizes are {mapper_dims(local_sd, names[1])})")
-    spec = PhotoVerseSpec.for_models(layout, ELITE_CLIP_VISION, text_widths=(text_width,), hidden=hidden, lora_rank=0,
+    spec = PhotoVerseSpec.for_models(layout, clip_vision_signature, text_widths=(text_width,), hidden=hidden, lora_rank=0,
                                      clip_layers=clip_layers, mapper="elite", text_kv="replace", preprocess="elite",
                                      image_mapper="elite_local" if local_sd is not None else "none", source=source)
     blocks = elite_module_names(model_patcher, layout)
@@ -150,15 +151,17 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def convert_elite(global_path: str, local_path: str | None, model_patcher, cache_dir: str) -> str:
-    """The path of the PhotoVerse file holding ELITE's weights for this model: the cached conversion when one
-    exists (never rewritten), else a new one written to cache_dir."""
+def convert_elite(global_path: str, local_path: str | None, model_patcher, clip_vision_signature: dict,
+                  cache_dir: str) -> str:
+    """The path of the PhotoVerse file holding ELITE's weights for this model and CLIP vision: the cached
+    conversion when one exists (never rewritten), else a new one written to cache_dir."""
     from ..core.layout import attention_layout
 
     sources = {"global": _sha256(global_path) if os.path.isfile(global_path) else ""}
     if local_path:
         sources["local"] = _sha256(local_path) if os.path.isfile(local_path) else ""
-    layout_hash = hashlib.sha256(json.dumps(attention_layout(model_patcher).signature(), sort_keys=True).encode())
+    target = {"model": attention_layout(model_patcher).signature(), "clip_vision": clip_vision_signature}
+    layout_hash = hashlib.sha256(json.dumps(target, sort_keys=True).encode())
     name = "elite_" + "_".join(v[:12] for v in sources.values() if v) + f"_{layout_hash.hexdigest()[:8]}.safetensors"
     path = os.path.join(cache_dir, name)
     if all(sources.values()) and os.path.exists(path):
@@ -172,7 +175,8 @@ def convert_elite(global_path: str, local_path: str | None, model_patcher, cache
     local_sd = read_elite_checkpoint(local_path, "ELITE local mapper") if local_path else None
     files = [os.path.basename(global_path)] + ([os.path.basename(local_path)] if local_path else [])
     source = f"ELITE {' + '.join(files)} (objects, SD1.4, CLIP ViT-L/14, no face training)"
-    adapter = elite_adapter(global_sd, local_sd, model_patcher, source, tuple(files) + ("",) * (2 - len(files)))
+    adapter = elite_adapter(global_sd, local_sd, model_patcher, clip_vision_signature, source,
+                            tuple(files) + ("",) * (2 - len(files)))
     save_photoverse(path, adapter, origin="converted",
                     extra={"converted_from": {k: f"sha256:{v}" for k, v in sources.items()}, "what": WHAT_IT_IS})
     log.info("Likeness: converted %s to %s", " + ".join(files), path)

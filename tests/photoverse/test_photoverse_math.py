@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import micro as m
-from fixtures_photoverse import (Attn2Recorder, face_image, loaded_adapter, manual_attention, random_cond, sample,
-                                 unet_model)
+from fixtures_photoverse import (Attn2Recorder, face_image, head_by_hand, loaded_adapter, manual_attention, random_cond,
+                                 sample, unet_model)
 
 VIT_L = {"width": 1024, "layers": 24, "image_size": 224, "patch": 14}
 VIT_H = {"width": 1280, "layers": 32, "image_size": 224, "patch": 14}
@@ -33,16 +33,6 @@ def setup(lib, tmp_path_factory):
     loaded = loaded_adapter(tmp_path_factory.mktemp("pv") / "adapter.safetensors", model, cv, seed=3)
     concept = lib["pvc"].encode_photoverse_concept(loaded, cv, face_image(), words=1)
     return {"model": model, "cv": cv, "loaded": loaded, "concept": concept}
-
-
-def head_by_hand(seq, x):
-    """Linear -> LN -> LeakyReLU -> Linear -> LN -> LeakyReLU -> Linear from the raw parameters."""
-    x = x.double()
-    for i in (0, 3):
-        x = x @ seq[i].weight.double().T + seq[i].bias.double()
-        x = torch.nn.functional.layer_norm(x, x.shape[-1:], seq[i + 1].weight.double(), seq[i + 1].bias.double(), 1e-5)
-        x = torch.where(x > 0, x, 0.01 * x)
-    return x @ seq[6].weight.double().T + seq[6].bias.double()
 
 
 def mlp_by_hand(seq, x):
@@ -274,7 +264,10 @@ def test_sampled_blocks_equal_the_equations_with_lora(lib, setup):
     """Every cross-attention block of a sampled micro model: to_out(gamma*Attn(Q,K^T,V^T) + sigma*Attn(Q,K^S,V^S))
     with Q, K^T, V^T from (W + alpha*B@A), recomputed here from the raw weights."""
     model, loaded, concept = setup["model"], setup["loaded"], setup["concept"]
+    import comfy.model_management
+
     alpha, gamma, sigma = 0.7, 1.3, 0.8
+    comfy.model_management.unload_all_models()   # an earlier patched clone may still hold the weights patched
     base_sd = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     patched = lib["attn"].apply_photoverse(model, loaded, concept, alpha, gamma, sigma)
     recorder = Attn2Recorder()

@@ -51,6 +51,57 @@ def face_image(h=96, w=80, seed=5):
     return (img + 0.1 * torch.rand(h, w, 3, generator=g)).clamp(0, 1)[None]
 
 
+def head_by_hand(seq, x):
+    """ELITE's head Linear -> LN -> LeakyReLU -> Linear -> LN -> LeakyReLU -> Linear from the raw parameters."""
+    x = x.double()
+    for i in (0, 3):
+        x = x @ seq[i].weight.double().T + seq[i].bias.double()
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], seq[i + 1].weight.double(), seq[i + 1].bias.double(), 1e-5)
+        x = torch.where(x > 0, x, 0.01 * x)
+    return x @ seq[6].weight.double().T + seq[6].bias.double()
+
+
+# SD1.x's cross-attention blocks: the host's site key -> the diffusers module ELITE names its weights after
+# (written out from the two UNet layouts, not computed by the pack).
+SD15_ELITE_BLOCKS = {
+    "input_1_0": "down_blocks.0.attentions.0", "input_2_0": "down_blocks.0.attentions.1",
+    "input_4_0": "down_blocks.1.attentions.0", "input_5_0": "down_blocks.1.attentions.1",
+    "input_7_0": "down_blocks.2.attentions.0", "input_8_0": "down_blocks.2.attentions.1",
+    "middle_0_0": "mid_block.attentions.0",
+    **{f"output_{3 + 3 * u + a}_0": f"up_blocks.{1 + u}.attentions.{a}" for u in range(3) for a in range(3)},
+}
+
+
+def elite_checkpoints(blocks: dict, widths: dict, clip_width: int, text_width: int, hidden: int, seed: int = 0,
+                      dtype=torch.float32):
+    """(global_mapper, local_mapper) state dicts in ELITE's key layout [ELITE train_global.py, train_local.py]:
+    mapping_{i} / mapping_patch_{i} heads (Linear W->h, LN, LeakyReLU, Linear h->h, LN, LeakyReLU, Linear h->d)
+    and <module path with underscores>_attn2_to_k / _to_v weights. blocks: site -> diffusers attention module;
+    widths: site -> (inner, context)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, std=None):
+        return (torch.randn(shape, generator=g) * (std if std is not None else shape[-1] ** -0.5)).to(dtype)
+
+    def mapper():
+        sd = {}
+        for i in range(5):
+            for head in (f"mapping_{i}", f"mapping_patch_{i}"):
+                sd.update({f"{head}.0.weight": t(hidden, clip_width), f"{head}.0.bias": t(hidden, std=0.1),
+                           f"{head}.1.weight": 1 + t(hidden, std=0.1), f"{head}.1.bias": t(hidden, std=0.1),
+                           f"{head}.3.weight": t(hidden, hidden), f"{head}.3.bias": t(hidden, std=0.1),
+                           f"{head}.4.weight": 1 + t(hidden, std=0.1), f"{head}.4.bias": t(hidden, std=0.1),
+                           f"{head}.6.weight": t(text_width, hidden, std=0.05 * hidden ** -0.5),
+                           f"{head}.6.bias": t(text_width, std=0.01)})
+        for site, module in blocks.items():
+            inner, ctx = widths[site]
+            name = f"{module}.transformer_blocks.0.attn2".replace(".", "_")
+            sd[f"{name}_to_k.weight"], sd[f"{name}_to_v.weight"] = t(inner, ctx), t(inner, ctx)
+        return sd
+
+    return mapper(), mapper()
+
+
 def manual_attention(q, k, v, heads):
     """softmax(Q K^T / sqrt(d)) V per head in float64, written out (no host code)."""
     b, t, inner = q.shape
