@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import micro as m
-from fixtures_photoverse import (Attn2Recorder, face_image, head_by_hand, loaded_adapter, manual_attention, random_cond,
-                                 sample, unet_model)
+from fixtures_photoverse import (check_sampled_blocks, face_image, head_by_hand, loaded_adapter, manual_attention,
+                                 random_cond, sample, unet_model)
 
 VIT_L = {"width": 1024, "layers": 24, "image_size": 224, "patch": 14}
 VIT_H = {"width": 1280, "layers": 32, "image_size": 224, "patch": 14}
@@ -263,43 +263,9 @@ def test_per_sample_scales_follow_the_batch(lib):
 def test_sampled_blocks_equal_the_equations_with_lora(lib, setup):
     """Every cross-attention block of a sampled micro model: to_out(gamma*Attn(Q,K^T,V^T) + sigma*Attn(Q,K^S,V^S))
     with Q, K^T, V^T from (W + alpha*B@A), recomputed here from the raw weights."""
-    model, loaded, concept = setup["model"], setup["loaded"], setup["concept"]
-    import comfy.model_management
-
-    alpha, gamma, sigma = 0.7, 1.3, 0.8
-    comfy.model_management.unload_all_models()   # an earlier patched clone may still hold the weights patched
-    base_sd = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    patched = lib["attn"].apply_photoverse(model, loaded, concept, alpha, gamma, sigma)
-    recorder = Attn2Recorder()
-    recorder.attach(patched)
-    sample(patched, random_cond(64, 1), random_cond(64, 2), steps=1)
-    layout = lib["layout"].attention_layout(model)
-    assert set(recorder.outputs) == set(layout.keys)
-    sd = loaded.module.state_dict()
-    data = concept.metadata["photoverse"]
-    for site in layout.sites:
-        n, context, eo = recorder.inputs[site.key]
-        p = f"{site.path}.attn2"
-
-        def w(t):
-            delta = sd[f"layers.{site.name}.lora_{t}.up.weight"].double() @ sd[f"layers.{site.name}.lora_{t}.down.weight"].double()
-            return base_sd[f"{p}.to_{t}.weight"].double() + alpha * delta
-
-        q, k, v = n.double() @ w("q").T, context.double() @ w("k").T, context.double() @ w("v").T
-        heads = eo["n_heads"]
-        text = manual_attention(q, k, v, heads)
-        per = q.shape[0] // len(eo["cond_or_uncond"])
-        rows = []
-        for i, c in enumerate(eo["cond_or_uncond"]):
-            f = (data["visual_uncond"] if c == 1 else data["visual"]).double()
-            ks = (f @ sd[f"layers.{site.name}.visual_k.weight"].double().T)[None]
-            vs = (f @ sd[f"layers.{site.name}.visual_v.weight"].double().T)[None]
-            qi = q[i * per:(i + 1) * per]
-            rows.append(gamma * text[i * per:(i + 1) * per] + sigma * manual_attention(qi, ks, vs, heads))
-        fused = torch.cat(rows)
-        expected = fused @ base_sd[f"{p}.to_out.0.weight"].double().T + base_sd[f"{p}.to_out.0.bias"].double()
-        assert sorted(eo["cond_or_uncond"]) == [0, 1]
-        assert torch.allclose(recorder.outputs[site.key].double(), expected, atol=1e-4), site.name
+    checked = check_sampled_blocks(setup["model"], setup["loaded"], setup["concept"], 0.7, 1.3, 0.8,
+                                   random_cond(64, 1), random_cond(64, 2))
+    assert checked == len(lib["layout"].attention_layout(setup["model"]).sites)
 
 
 def test_gamma_1_sigma_0_alpha_0_is_the_unpatched_model(lib, setup):

@@ -9,9 +9,10 @@ import micro as m
 HIDDEN = 32  # mapper hidden width for micro adapters (1024 in real ones)
 
 
-def unet_model(context: int, sd2: bool = False, channels: int = 32, seed: int = 0):
+def unet_model(context: int, sd2: bool = False, channels: int = 32, seed: int = 0, v_prediction: bool = False):
     """A ModelPatcher of a small UNet with the given context width: SD1.5's model class, or SD2's (linear
-    projections in the transformers, 64-wide heads: use channels >= 64) when sd2 is set."""
+    projections in the transformers, 64-wide heads: use channels >= 64) when sd2 is set; v_prediction gives the
+    SD2-768 kind (SD2.x 768-v checkpoints)."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -24,7 +25,8 @@ def unet_model(context: int, sd2: bool = False, channels: int = 32, seed: int = 
     else:
         cfg = comfy.supported_models.SD15(config)
     cfg.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    kind = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(cfg, model_type=kind, device="cpu")
     m._fill(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
@@ -137,6 +139,48 @@ class Attn2Recorder:
         model_patcher.set_model_attn2_patch(self.before)
         model_patcher.set_model_attn2_output_patch(self.after)
         return model_patcher
+
+
+def check_sampled_blocks(model, loaded, concept, alpha, gamma, sigma, positive, negative, latent_size=8) -> int:
+    """Samples one step with PhotoVerse Apply's model and checks every cross-attention block's output against
+    to_out(gamma * Attn(Q, K^T, V^T) + sigma * Attn(Q, K^S, V^S)), Q, K^T, V^T from W + alpha * B @ A and the
+    unconditional rows on the concept's unconditional tokens, recomputed in float64 from the raw weights.
+    Returns the number of blocks checked."""
+    import comfy.model_management
+    from comfyui_likeness.attention.photoverse import apply_photoverse
+    from comfyui_likeness.core.layout import attention_layout
+
+    comfy.model_management.unload_all_models()   # an earlier patched clone may still hold the weights patched
+    base_sd = {k: v.double() for k, v in model.model.diffusion_model.state_dict().items()}
+    patched = apply_photoverse(model, loaded, concept, alpha, gamma, sigma)
+    recorder = Attn2Recorder()
+    recorder.attach(patched)
+    sample(patched, positive, negative, latent_size=latent_size, steps=1)
+    layout = attention_layout(model)
+    assert set(recorder.outputs) == set(layout.keys)
+    sd = {k: v.double() for k, v in loaded.module.state_dict().items()}
+    data = concept.metadata["photoverse"]
+    for site in layout.sites:
+        n, context, eo = recorder.inputs[site.key]
+        p, lay = f"{site.path}.attn2", f"layers.{site.name}"
+
+        def w(t):
+            return base_sd[f"{p}.to_{t}.weight"] + alpha * sd[f"{lay}.lora_{t}.up.weight"] @ sd[f"{lay}.lora_{t}.down.weight"]
+
+        q, k, v = n.double() @ w("q").T, context.double() @ w("k").T, context.double() @ w("v").T
+        heads = eo["n_heads"]
+        text = manual_attention(q, k, v, heads)
+        per = q.shape[0] // len(eo["cond_or_uncond"])
+        rows = []
+        for i, c in enumerate(eo["cond_or_uncond"]):
+            f = (data["visual_uncond"] if c == 1 else data["visual"]).double()
+            ks, vs = (f @ sd[f"{lay}.visual_k.weight"].T)[None], (f @ sd[f"{lay}.visual_v.weight"].T)[None]
+            qi = q[i * per:(i + 1) * per]
+            rows.append(gamma * text[i * per:(i + 1) * per] + sigma * manual_attention(qi, ks, vs, heads))
+        expected = torch.cat(rows) @ base_sd[f"{p}.to_out.0.weight"].T + base_sd[f"{p}.to_out.0.bias"]
+        assert sorted(eo["cond_or_uncond"]) == [0, 1]
+        assert torch.allclose(recorder.outputs[site.key].double(), expected, atol=1e-4), site.name
+    return len(layout.sites)
 
 
 def sample(model, positive, negative, latent_size=8, steps=2, cfg=5.0, seed=0, denoise=1.0, latent=None):

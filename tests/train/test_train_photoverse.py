@@ -219,3 +219,58 @@ def test_uncond_fraction_draws_the_unconditional_state(trainer, base_models, tmp
                    for s in range(5))
     finally:
         tr.close()
+
+
+def test_v_prediction_model_trains_and_its_export_changes_the_output(pack, tmp_path, train_lib, base_dir):
+    """SD2-768's kind of model (v-prediction): the same eps objective through the host's denoised output."""
+    import micro as m
+    from comfyui_likeness.train.base_models import BaseModels
+
+    base = BaseModels(m.micro_model(v_prediction=True), m.micro_clip(), m.micro_vae(), m.micro_clip_vision(), "micro-v")
+    tr = make_trainer(base, tmp_path, uncond_fraction=0.0)
+    try:
+        assert tr.train_patcher.model.model_type.name == "V_PREDICTION"
+        assert_learns(train_lib["loop"].overfit_losses(tr, fixed_batch(tr), 5, 5e-3), "PhotoVerse (v-prediction)")
+        _, patched, plain = _concept_and_sample(tr.export(str(tmp_path / "out")), "train_pv_vpred.safetensors", base,
+                                                base_dir, fixed_batch(tr, 1))
+        assert torch.isfinite(patched).all() and not torch.allclose(patched, plain, atol=1e-4)
+    finally:
+        tr.close()
+
+
+def _sdxl_prompt_support():
+    from comfyui_likeness.train.prompt import TrainablePrompt
+    return hasattr(TrainablePrompt, "encode_with_pooled")
+
+
+@pytest.mark.skipif("not _sdxl_prompt_support()", reason="needs the multi-encoder TrainablePrompt of the SDXL "
+                    "prompt work (train/prompt.py encode_with_pooled), not merged yet")
+def test_sdxl_trains_both_text_adapters_with_the_pooled_size_conditioning(pack, tmp_path, train_lib, base_dir):
+    """SDXL: words for clip_l and clip_g, the UNet's `y` from the pooled clip_g output of the prompt with the words
+    (so the words get gradients through `y` too), visual tokens at the 160-wide micro SDXL context."""
+    import micro as m
+    from comfyui_likeness.train.base_models import BaseModels
+    from comfyui_likeness.train.diffusion import gradients_on
+
+    base = BaseModels(m.micro_sdxl_model(), m.micro_sdxl_clip(), m.micro_vae(), m.micro_clip_vision(), "micro-sdxl")
+    tr = make_trainer(base, tmp_path, uncond_fraction=0.5)
+    try:
+        assert tr.adapter.spec.text_widths == (64, 96) and tr.adapter.spec.context_dim == 160
+        prepared = next(p for p in (tr.prepare_batch(fixed_batch(tr), torch.Generator().manual_seed(s)) for s in range(20))
+                        if "uncond" in p and p["uncond"].tolist() == [False, True])
+        assert prepared["empty_pooled"].shape == (2, 96)
+        tr.before_step()
+        with gradients_on():
+            out = tr.module(prepared)
+            out["loss"].backward()
+        for width in ("64", "96"):
+            grads = [p.grad for p in tr.adapter.text_adapters[width].parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
+        tr.module.zero_grad(set_to_none=True)
+        assert_learns(train_lib["loop"].overfit_losses(tr, fixed_batch(tr), 5, 5e-3), "PhotoVerse (SDXL)")
+        adapter, patched, plain = _concept_and_sample(tr.export(str(tmp_path / "out")), "train_pv_sdxl.safetensors",
+                                                      base, base_dir, fixed_batch(tr, 1))
+        assert adapter.spec.text_widths == (64, 96)
+        assert torch.isfinite(patched).all() and not torch.allclose(patched, plain, atol=1e-4)
+    finally:
+        tr.close()
