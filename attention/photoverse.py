@@ -1,4 +1,4 @@
-"""PhotoVerse's concept injection into every cross-attention block (docs/methods/photoverse.md, A.7).
+"""PhotoVerse's concept injection into every cross-attention block (docs/methods/photoverse.md, "Apply").
 
 Text branch:   Q, K^T, V^T come from the block's own to_q/to_k/to_v with the LoRA deltas merged as weight patches
                (W + alpha * B @ A, applied by the host when it loads the model; or ELITE's replaced to_k/to_v,
@@ -107,7 +107,7 @@ def _base_weight(model, key: str) -> torch.Tensor:
 
 def text_patches(loaded, layout, model) -> dict:
     """{host weight key: patch} for the text branch of every block; the host merges strength * patch.
-    text_kv "lora": attn2 to_q/to_k/to_v get W + alpha * B @ A (alpha the node's lora_strength; PV4).
+    text_kv "lora": attn2 to_q/to_k/to_v get W + alpha * B @ A (alpha the node's lora_strength, the paper's alpha).
     text_kv "replace": attn2 to_k/to_v get W + alpha * (W' - W), i.e. W' at alpha 1 (ELITE's to_k/v_global)."""
     from comfy.weight_adapter.lora import LoRAAdapter
 
@@ -118,7 +118,7 @@ def text_patches(loaded, layout, model) -> dict:
         if loaded.spec.text_kv == "lora":
             for t in ("q", "k", "v"):
                 up, down = sd[f"{prefix}.lora_{t}.up.weight"], sd[f"{prefix}.lora_{t}.down.weight"]
-                # alpha None: the host scales by 1, so the node's strength is the paper's alpha directly (PV4).
+                # alpha None: the host scales by 1, so the node's strength is the paper's alpha directly (not PEFT's alpha / rank).
                 patches[f"diffusion_model.{site.path}.attn2.to_{t}.weight"] = LoRAAdapter(set(), (up, down, None, None, None, None))
         else:
             for t in ("k", "v"):

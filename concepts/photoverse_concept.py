@@ -4,9 +4,9 @@
   CLIP-vision hidden states of the layers the adapter reads (host ClipVisionModel, all layers in one pass)
   words S1..Sm = text adapter of each text encoder (m kept, default 1: S1 from the deepest layer, as ELITE's
   --token_index 0)
-  visual tokens f = image adapter (all m by default, PV3; "first" keeps one like the port)
+  visual tokens f = image adapter (all m by default; "first" keeps one like the unofficial port)
   unconditional visual tokens = image adapter on the CLIP features of an all-zeros CLIP input (the port's CFG
-  choice [PV-unoff infer.py]; the pack's trainer trains on it, so training and inference agree); zeros are taken
+  choice (idonahum/photoVerse, infer.py); the pack's trainer trains on it, so training and inference agree); zeros are taken
   in the normalised pixel space the encoder sees, i.e. the dataset-mean grey image. They depend only on the CLIP
   vision and the adapter, so the CLIP features of the zero input are cached per CLIP-vision model.
 Adapters converted from ELITE (preprocess "elite") see what ELITE's scripts feed them: the words come from the

@@ -3,7 +3,7 @@ cross-attention block the text branch's K/V change and the visual projections K^
 
   text adapters  one per text encoder of the base model (SD1.x/SD2.x: one; SDXL: clip_l and clip_g), each mapping
                  CLIP-vision layers [last, 4, 8, 12, 16] to words S1..S5 of that encoder's token width
-  image adapter  the same design -> visual tokens f of the cross-attention context width (PV3)
+  image adapter  the same design -> visual tokens f of the cross-attention context width
   per block      text_kv "lora": LoRA dW = up @ down (rank 8) on attn2 to_q (query width -> inner), to_k and to_v
                  (context -> inner); text_kv "replace": full to_k / to_v weights that replace the block's own
                  (ELITE's to_k_global / to_v_global);
@@ -37,7 +37,7 @@ TEXT_KV = ("lora", "replace")
 PREPROCESS = ("photoverse", "elite")
 MAPPER_CLASSES = {"mlp": LayerMLPMapper, "elite": EliteMapper, "elite_local": EliteLocalMapper}
 
-# Training-time random fusion [PV-n1 2.4, 3.2]: u < r1 -> text only, r1 <= u < r2 -> image only, else both.
+# Training-time random fusion (PhotoVerse §2.4, §3.2): u < r1 -> text only, r1 <= u < r2 -> image only, else both.
 R1, R2 = 1.0 / 3.0, 2.0 / 3.0
 FUSION_MODES = ((2.0, 0.0), (0.0, 2.0), (1.0, 1.0))
 
@@ -287,7 +287,7 @@ def fusion_scales(u: torch.Tensor, r1: float = R1, r2: float = R2) -> tuple:
 
 
 def draw_fusion_scales(batch: int, generator: torch.Generator | None = None, r1: float = R1, r2: float = R2):
-    """One random-fusion draw per sample of a training batch, shared by all layers (PV5). Returns (gamma, sigma),
+    """One random-fusion draw per sample of a training batch, shared by all layers. Returns (gamma, sigma),
     each of shape (batch,), for the trainer to hand to the fused attention."""
     u = torch.rand(batch, generator=generator)
     return fusion_scales(u, r1, r2)

@@ -121,15 +121,17 @@ class LikenessPhotoVerseApply(io.ComfyNode):
             node_id="LikenessPhotoVerseApply",
             display_name="PhotoVerse Apply (Likeness)",
             category=CATEGORY,
-            description=("Adds PhotoVerse to a model: LoRA on every cross-attention's to_q/to_k/to_v (strength "
-                         "alpha) and the visual branch, fused as O = text_scale * text + visual_scale * visual. Put "
-                         "the same concept into the prompt with Likeness Prompt."),
+            description=("Adds PhotoVerse to a model: the text-branch weights of every cross-attention (the LoRA on "
+                         "to_q/to_k/to_v, or ELITE's to_k/to_v; strength alpha) and the visual branch, fused as "
+                         "O = text_scale * text + visual_scale * visual. Put the same concept into the prompt with "
+                         "Likeness Prompt."),
             inputs=[
                 io.Model.Input("model"),
                 Adapter.Input("adapter"),
                 Concept.Input("concept", tooltip="from PhotoVerse Encode or Load PhotoVerse Concept (same adapter)"),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,
-                               tooltip="alpha: scale of the LoRA deltas (paper: 1; 0 = off)"),
+                               tooltip="alpha: scale of the text-branch weight change (the LoRA deltas, or ELITE's "
+                                       "to_k/to_v: W + alpha (W' - W)); paper: 1; 0 = off"),
                 io.Float.Input("text_scale", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,
                                tooltip="gamma_T: scale of the text cross-attention (paper: 1)"),
                 io.Float.Input("visual_scale", default=1.0, min=0.0, max=MAX_SCALE, step=0.01,

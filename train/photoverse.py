@@ -7,17 +7,17 @@ ELITE's heads ("elite").
   words S* = text adapter(CLIP-vision layers of x_m), put into "a photo of S*" (token space, m = 5 words)
   visual tokens f = image adapter(same features)
   every attn2: O = gamma_T * Attn(Q, K^T, V^T) + sigma_V * Attn(Q, K^S f, V^S f) with the LoRA deltas on
-  to_q/k/v (host weight wrappers, dW = alpha * B @ A, alpha a direct multiplier: PV4), and random fusion:
-  one draw per sample shared by all layers (PV5), (2, 0) if u < r1, (0, 2) if u < r2, else (1, 1)
+  to_q/k/v (host weight wrappers, dW = alpha * B @ A, alpha a direct multiplier), and random fusion:
+  one draw per sample shared by all layers, (2, 0) if u < r1, (0, 2) if u < r2, else (1, 1)
   the unconditional state: a fraction uncond_fraction (0.05) of the samples gets the empty prompt and the visual
   tokens of the all-zeros CLIP input, which is exactly what PhotoVerse Apply gives the unconditional (CFG) rows,
   so inference never shows the adapter an input it was not trained on
 Loss: L = L_diffusion + lambda_face * L_face + lambda_rt * mean|S*| + lambda_rv * mean ||V^S_h||_2 with
 lambda = 0.01 / 0.01 / 0.001; the V^S norm is taken per attention head h (the paper's attention is per head) and
 averaged over blocks, heads, tokens and samples. L_face = 1 - cos(ArcFace(x), ArcFace(x')) on a quarter of the
-batch with t below 500 (PV7): x' is the one-step denoised estimate at the training t, decoded by the VAE with
+batch with t below 500: x' is the one-step denoised estimate at the training t, decoded by the VAE with
 gradients, and both images are aligned with the reference's landmarks (faces/arcface.py). lr 1e-4, batch 64,
-60k steps (A.6). SDXL: the UNet's `y` is built from the pooled clip_g output of the prompt with the words in it
+60k steps (PhotoVerse §3.2). SDXL: the UNet's `y` is built from the pooled clip_g output of the prompt with the words in it
 (train/diffusion.py size_conditioning_y).
 """
 import logging
@@ -41,7 +41,7 @@ from .prompt import CaptionEncoder, TrainablePrompt
 
 log = logging.getLogger("likeness.train")
 
-TEMPLATE = "a photo of holder"   # [PV-n1 3.1] "a photo of S*"
+TEMPLATE = "a photo of holder"   # PhotoVerse §3.1: "a photo of S*"
 LAMBDA_FACE, LAMBDA_RT, LAMBDA_RV = 0.01, 0.01, 0.001
 UNCOND_FRACTION = 0.05           # IP-Adapter's rate for dropping text and image together [IPA tutorial_train.py]
 
@@ -142,7 +142,7 @@ class PhotoVerseTrainer(MethodTrainer):
     r1 / r2 (1/3, 2/3), lambda_face / lambda_rt / lambda_rv, uncond_fraction (0.05), face_fraction (0.25),
     face_max_t (500), arcface (an insightface recognition .onnx or a converted .safetensors; without it L_face is
     off), template, and the face-crop options of train/face_data.face_dataset (face crop at the CLIP size, factor
-    1.3, mask_source 'face_oval', the Face Crop node's default; choices PV1-PV8 in docs/methods/photoverse.md)."""
+    1.3, mask_source 'face_oval', the Face Crop node's default; the choices are in docs/methods/photoverse.md)."""
 
     name = "photoverse"
     file_name = "photoverse.safetensors"

@@ -7,7 +7,7 @@ Keys (site names as in core/layout.py, e.g. input_1_0 = ("input", 1, 0)):
                                                               one adapter per text encoder width (SDXL: 768, 1280)
     image_adapter.<same layouts>                              the image adapter (absent when image_mapper "none")
     layers.<site>.lora_{q,k,v}.down.weight  (rank, in)        text_kv "lora": LoRA A on attn2 to_q / to_k / to_v
-    layers.<site>.lora_{q,k,v}.up.weight    (inner, rank)     LoRA B; dW = alpha * B @ A (alpha a direct multiplier, PV4)
+    layers.<site>.lora_{q,k,v}.up.weight    (inner, rank)     LoRA B; dW = alpha * B @ A (alpha a direct multiplier)
     layers.<site>.text_{k,v}.weight         (inner, context)  text_kv "replace": weights that replace to_k / to_v
     layers.<site>.visual_k.weight           (inner, context)  K^S
     layers.<site>.visual_v.weight           (inner, context)  V^S
@@ -163,7 +163,7 @@ def check_for_clip_vision(spec: PhotoVerseSpec, signature: dict, name: str = "th
         raise WeightFileError(
             f"the PhotoVerse adapter '{name}' reads features of {describe_clip_vision(spec.clip_vision)} but the "
             f"connected CLIP vision is {describe_clip_vision(signature)}: load the CLIP vision it was trained with "
-            f"(ViT-L/14 for SD1.5, ViT-H/14 for SD2)")
+            f"(ViT-L/14 for SD1.5, ViT-H/14 for SD2, the one named in the adapter for SDXL)")
     if max(spec.clip_layers) > signature["layers"] or min(spec.clip_layers) < 1:
         raise WeightFileError(f"the PhotoVerse adapter '{name}' reads CLIP layers {list(spec.clip_layers)}, which this "
                               f"CLIP vision ({signature['layers']} layers) does not have")
