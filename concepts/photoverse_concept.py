@@ -5,10 +5,10 @@
   words S1..Sm = text adapter of each text encoder (m kept, default 1: S1 from the deepest layer, as ELITE's
   --token_index 0)
   visual tokens f = image adapter (all m by default; "first" keeps one like the unofficial port)
-  unconditional visual tokens = image adapter on the CLIP features of an all-zeros CLIP input (the port's CFG
-  choice (idonahum/photoVerse, infer.py); the pack's trainer trains on it, so training and inference agree); zeros are taken
-  in the normalised pixel space the encoder sees, i.e. the dataset-mean grey image. They depend only on the CLIP
-  vision and the adapter, so the CLIP features of the zero input are cached per CLIP-vision model.
+  unconditional visual tokens = image adapter on the CLIP features of an all-zeros CLIP input: the CFG choice of
+  the unofficial port (idonahum/photoVerse, infer.py), which the pack's trainer also trains on, so training and
+  inference agree. Zeros are taken in the normalised pixel space the encoder sees (the dataset-mean grey image).
+  They depend only on the CLIP vision and the adapter, so the zero input's CLIP features are cached per model.
 Adapters converted from ELITE (preprocess "elite") see what ELITE's scripts feed them: the words come from the
 unmasked image, the local mapper's per-patch tokens from the masked image, multiplied by the mask on the patch
 grid, and both images are resized to the CLIP size without cropping; the unconditional pass has no local tokens.
