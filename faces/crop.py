@@ -15,7 +15,7 @@ from .detection import pick_detection
 from .errors import NoFaceError
 from .face_info import CropWindow, FaceInfo, FaceInfoList
 from .images import as_mask, as_rgb, to_uint8
-from .segmentation import MASK_SOURCES, face_region_masks
+from .segmentation import DEFAULT_MASK_SOURCE, MASK_SOURCES, face_region_masks
 
 log = logging.getLogger("likeness.faces")
 
@@ -111,7 +111,7 @@ class FaceCrops:
 
 
 def crop_faces(images, analysis, size: int = 512, factor: float = 1.3, order: str = "largest", index: int = 0,
-               border: str = "shift", no_face: str = "error", mask_source: str = "face_oval", mask=None,
+               border: str = "shift", no_face: str = "error", mask_source: str = DEFAULT_MASK_SOURCE, mask=None,
                progress=None) -> FaceCrops:
     """Detect, choose, crop and segment one face per image of an IMAGE batch.
 

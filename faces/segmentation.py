@@ -24,6 +24,9 @@ from .images import to_uint8
 log = logging.getLogger("likeness.faces")
 
 MASK_SOURCES = ("face_oval", "ellipse", "person", "box", "full")
+# The one default of Face Crop, the face crops of the trainers and the shipped workflows: a mask the trainers
+# train with is the mask the nodes make.
+DEFAULT_MASK_SOURCE = "face_oval"
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from ..faces.detection import ORDERS
 from ..faces.embeddings import EMBED_NO_FACE, embed_faces, likeness_scores
 from ..faces.insightface_models import KNOWN_PACKS, available_packs
 from ..faces.loader import BACKENDS, PROVIDERS, load_face_analysis
-from ..faces.segmentation import MASK_SOURCES
+from ..faces.segmentation import DEFAULT_MASK_SOURCE, MASK_SOURCES
 
 CATEGORY = "Likeness/faces"
 FaceAnalysis = io.Custom("LIKENESS_FACE_ANALYSIS")
@@ -82,7 +82,7 @@ class LikenessFaceCrop(io.ComfyNode):
                 io.Combo.Input("no_face", options=list(NO_FACE_POLICIES), default="error",
                                tooltip="image without a face: stop with an error, pass the uncropped image through, "
                                        "use the whole image as the face, or skip it (always logged)"),
-                io.Combo.Input("mask_source", options=list(MASK_SOURCES), default="face_oval",
+                io.Combo.Input("mask_source", options=list(MASK_SOURCES), default=DEFAULT_MASK_SOURCE,
                                tooltip="face_oval: mediapipe face mesh (falls back to ellipse); ellipse: inscribed in the "
                                        "face box; person: background removal; box; full"),
                 io.Mask.Input("mask", optional=True, tooltip="a face mask for the source image (e.g. a face parser); "

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from ..faces.segmentation import DEFAULT_MASK_SOURCE
 from .data import ImageDataset, load_image, square_resize
 
 log = logging.getLogger("likeness.train")
@@ -53,7 +54,7 @@ def map_points(points: np.ndarray, transform: tuple, size: int) -> np.ndarray:
 
 class FaceCropDataset(torch.utils.data.Dataset):
     def __init__(self, base: ImageDataset, analysis: FaceAnalysisFactory, size: int = 512, factor: float = 1.3,
-                 mask_source: str = "ellipse", no_face: str = "whole_image", cache_dir: str | None = None):
+                 mask_source: str = DEFAULT_MASK_SOURCE, no_face: str = "whole_image", cache_dir: str | None = None):
         from ..faces.crop import NO_FACE_POLICIES
 
         if no_face not in NO_FACE_POLICIES or no_face == "skip":
@@ -137,7 +138,8 @@ class WholeImageFaces(torch.utils.data.Dataset):
 
 def face_dataset(base: ImageDataset, options: dict, size: int, cache_dir: str | None = None):
     """The face-crop view of a dataset from a trainer's options: face_backend ('insightface', 'mediapipe',
-    'opencv', or 'none' for data that is already cropped), insightface_pack, face_factor, mask_source."""
+    'opencv', or 'none' for data that is already cropped), insightface_pack, face_factor, mask_source (the Face Crop
+    node's default, faces/segmentation.py DEFAULT_MASK_SOURCE)."""
     backend = options.get("face_backend", "insightface")
     if backend in ("none", "", None):
         return WholeImageFaces(base, size)
@@ -145,5 +147,5 @@ def face_dataset(base: ImageDataset, options: dict, size: int, cache_dir: str | 
                                   options.get("face_provider", "CPU"), int(options.get("det_size", 640)),
                                   float(options.get("det_thresh", 0.5)))
     return FaceCropDataset(base, factory, size, float(options.get("face_factor", 1.3)),
-                           options.get("mask_source", "ellipse"), options.get("no_face", "whole_image"),
+                           options.get("mask_source", DEFAULT_MASK_SOURCE), options.get("no_face", "whole_image"),
                            options.get("face_cache_dir", cache_dir))

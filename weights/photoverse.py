@@ -1,16 +1,22 @@
-"""The PhotoVerse adapter file: text adapter, image adapter, per-block LoRA and visual K/V as safetensors.
+"""The PhotoVerse adapter file: text adapters, image adapter, per-block text K/V change and visual K/V as
+safetensors (format version 2; version-1 files still load).
 
 Keys (site names as in core/layout.py, e.g. input_1_0 = ("input", 1, 0)):
-    text_adapter.mapping_{i}.{0,1,3,4,6}.{weight,bias}        CLS head of CLIP layer i (ELITE's key layout)
-    text_adapter.mapping_patch_{i}.{0,1,3,4,6}.{weight,bias}  patch head of CLIP layer i
-    image_adapter.<same>                                      the image adapter
-    layers.<site>.lora_{q,k,v}.down.weight  (rank, in)        LoRA A on attn2 to_q / to_k / to_v
-    layers.<site>.lora_{q,k,v}.up.weight    (inner, rank)     LoRA B; dW = alpha * B @ A (alpha a direct multiplier, PV4)
+    text_adapters.<width>.mlp_{i}.{0,1,3,4}.{weight,bias}     the paper's MLP of CLIP layer i (text_mapper "mlp"),
+    text_adapters.<width>.mapping[_patch]_{i}.{0,1,3,4,6}.*   or ELITE's CLS / patch heads (text_mapper "elite");
+                                                              one adapter per text encoder width (SDXL: 768, 1280)
+    image_adapter.<same layouts>                              the image adapter (absent when image_mapper "none")
+    layers.<site>.lora_{q,k,v}.down.weight  (rank, in)        text_kv "lora": LoRA A on attn2 to_q / to_k / to_v
+    layers.<site>.lora_{q,k,v}.up.weight    (inner, rank)     LoRA B; dW = alpha * B @ A (alpha a direct multiplier)
+    layers.<site>.text_{k,v}.weight         (inner, context)  text_kv "replace": weights that replace to_k / to_v
     layers.<site>.visual_k.weight           (inner, context)  K^S
     layers.<site>.visual_v.weight           (inner, context)  V^S
-Metadata: likeness_format "likeness.photoverse", version 1, method "photoverse", the PhotoVerseSpec fields
-(text_width, context_dim, clip_vision {width, layers, image_size, patch}, clip_layers, sites, hidden, lora_rank,
-base_model, model_name, model_channels) and origin ("trained" or "random"), plus any training hyper-parameters.
+Metadata: likeness_format "likeness.photoverse", version 2, method "photoverse", the PhotoVerseSpec fields
+(text_widths, context_dim, clip_vision {width, layers, image_size, patch}, clip_layers, sites, hidden, lora_rank,
+text_mapper, image_mapper, text_kv, preprocess, base_model, model_name, model_channels, source) and origin
+("trained", "random" or "converted"), plus any training hyper-parameters.
+Version 1 (before the paper's adapter existed): one text width under text_width, ELITE's mappers under
+text_adapter.* / image_adapter.*, LoRA; read as text_adapters.<width>.* with text_mapper = image_mapper = "elite".
 
 An adapter's identity (digest) is a hash of its spec and a strided sample of every tensor: concepts carry it, so
 PhotoVerse Apply can tell a concept made with another adapter.
@@ -22,11 +28,12 @@ import os
 import torch
 
 from ..encoders.photoverse import PhotoVerseAdapter, PhotoVerseSpec, describe_clip_vision
-from .safetensors_file import (WeightFileError, check_format, check_tensors, load_file, read_header,
+from .safetensors_file import (VERSION_KEY, WeightFileError, check_format, check_tensors, load_file, read_header,
                                register_format, save_file)
 
 FORMAT = "likeness.photoverse"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 WHAT = "PhotoVerse adapter file"
 register_format(FORMAT, WHAT)
 
@@ -62,7 +69,16 @@ class LoadedPhotoVerse:
         return self._patcher
 
     def __repr__(self):
-        return f"PhotoVerse adapter '{self.name}' ({self.spec.base_model}, {describe_clip_vision(self.spec.clip_vision)})"
+        return f"PhotoVerse adapter '{self.name}' ({describe_adapter(self.spec)}; {self.spec.base_model}, " \
+               f"{describe_clip_vision(self.spec.clip_vision)})"
+
+
+def describe_adapter(spec: PhotoVerseSpec) -> str:
+    names = {"mlp": "the paper's MLP adapters", "elite": "ELITE's mapper", "elite_local": "ELITE's local mapper",
+             "none": "no image adapter"}
+    text = f"text: {names[spec.text_mapper]} with {'LoRA' if spec.text_kv == 'lora' else 'replaced to_k/to_v'}"
+    words = f"{text}; visual: {names[spec.image_mapper]}"
+    return f"{words}; from {spec.source}" if spec.source else words
 
 
 def spec_from_metadata(path: str, meta: dict) -> PhotoVerseSpec:
@@ -75,6 +91,7 @@ def spec_from_metadata(path: str, meta: dict) -> PhotoVerseSpec:
 
 def save_photoverse(path: str, adapter: PhotoVerseAdapter, origin: str = "trained", extra: dict | None = None,
                     dtype=torch.float16) -> str:
+    """Write the adapter as a version-2 file (origin "trained", "random" or "converted")."""
     meta = {"method": "photoverse", **adapter.spec.to_metadata(), "origin": origin, **(extra or {})}
     tensors = {k: v.detach().to(dtype) for k, v in adapter.state_dict().items()}
     return save_file(path, tensors, FORMAT, VERSION, meta)
@@ -83,16 +100,24 @@ def save_photoverse(path: str, adapter: PhotoVerseAdapter, origin: str = "traine
 def read_spec(path: str) -> PhotoVerseSpec:
     """The spec of a PhotoVerse file from its header alone (no tensors read)."""
     meta, _ = read_header(path, WHAT)
-    check_format(path, meta, FORMAT, (VERSION,), WHAT)
+    check_format(path, meta, FORMAT, READS, WHAT)
     return spec_from_metadata(path, meta)
 
 
+def _version_1_keys(tensors: dict, spec: PhotoVerseSpec) -> dict:
+    """Version 1 kept its one text adapter under text_adapter.*; version 2 keys adapters by text width."""
+    prefix, new = "text_adapter.", f"text_adapters.{spec.text_widths[0]}."
+    return {(new + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+
+
 def load_photoverse(path: str) -> LoadedPhotoVerse:
-    """Load and validate a PhotoVerse file into manual-cast modules on the CPU."""
+    """Load and validate a PhotoVerse file (version 1 or 2) into manual-cast modules on the CPU."""
     import comfy.ops
 
-    tensors, meta = load_file(path, FORMAT, (VERSION,), WHAT)
+    tensors, meta = load_file(path, FORMAT, READS, WHAT)
     spec = spec_from_metadata(path, meta)
+    if str(meta.get(VERSION_KEY)) == "1":
+        tensors = _version_1_keys(tensors, spec)
     check_tensors(path, tensors, spec.expected_shapes(), WHAT)
     dtypes = {v.dtype for v in tensors.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -138,26 +163,27 @@ def check_for_clip_vision(spec: PhotoVerseSpec, signature: dict, name: str = "th
         raise WeightFileError(
             f"the PhotoVerse adapter '{name}' reads features of {describe_clip_vision(spec.clip_vision)} but the "
             f"connected CLIP vision is {describe_clip_vision(signature)}: load the CLIP vision it was trained with "
-            f"(ViT-L/14 for SD1.5, ViT-H/14 for SD2)")
+            f"(ViT-L/14 for SD1.5, ViT-H/14 for SD2, the one named in the adapter for SDXL)")
     if max(spec.clip_layers) > signature["layers"] or min(spec.clip_layers) < 1:
         raise WeightFileError(f"the PhotoVerse adapter '{name}' reads CLIP layers {list(spec.clip_layers)}, which this "
                               f"CLIP vision ({signature['layers']} layers) does not have")
 
 
-def new_adapter_for(model_patcher, clip_vision_signature: dict, text_width: int | None = None, hidden: int | None = None,
-                    dtype=torch.float32) -> PhotoVerseAdapter:
-    """An adapter sized for a model and a CLIP vision (weights uninitialised for manual-cast, torch default else)."""
+def new_adapter_for(model_patcher, clip_vision_signature: dict, text_widths=None, hidden: int | None = None,
+                    dtype=torch.float32, mapper: str = "mlp") -> PhotoVerseAdapter:
+    """An adapter sized for a model and a CLIP vision (torch default init). text_widths: the text encoders' token
+    widths (default: the context width, right for SD1.x / SD2.x; SDXL needs (768, 1280) from its CLIP)."""
     from ..core.layout import attention_layout
     from ..encoders.elite_mapper import HIDDEN
 
-    spec = PhotoVerseSpec.for_models(attention_layout(model_patcher), clip_vision_signature, text_width=text_width,
-                                     hidden=hidden or HIDDEN)
+    spec = PhotoVerseSpec.for_models(attention_layout(model_patcher), clip_vision_signature, text_widths=text_widths,
+                                     hidden=hidden or HIDDEN, mapper=mapper)
     return PhotoVerseAdapter(spec, dtype=dtype, device="cpu")
 
 
 def write_random_photoverse(path: str, model_patcher, clip_vision_signature: dict, seed: int = 0, scale: float = 1.0,
-                            text_width: int | None = None, hidden: int | None = None) -> str:
+                            text_widths=None, hidden: int | None = None, mapper: str = "mlp") -> str:
     """A PhotoVerse file with random weights for the given model and CLIP vision (tests, demos, benchmarks: not a
     trained adapter)."""
-    adapter = new_adapter_for(model_patcher, clip_vision_signature, text_width, hidden).init_random(seed, scale)
-    return save_photoverse(path, adapter, origin="random")
+    adapter = new_adapter_for(model_patcher, clip_vision_signature, text_widths, hidden, mapper=mapper)
+    return save_photoverse(path, adapter.init_random(seed, scale), origin="random")

@@ -161,16 +161,18 @@ def test_damaged_and_foreign_adapter_files(lib, setup):
 
 
 def test_adapter_file_with_wrong_shapes_or_metadata(lib, setup):
-    tensors, meta = lib["st"].load_file(setup["path"], lib["file"].FORMAT)
+    version = lib["file"].VERSION
+    tensors, meta = lib["st"].load_file(setup["path"], lib["file"].FORMAT, (version,))
     bad = dict(tensors)
     bad["layers.input_1_0.visual_k.weight"] = torch.zeros(3, 3, dtype=torch.float16)
     path = os.path.join(setup["tmp"], "shapes.safetensors")
-    lib["st"].save_file(path, bad, lib["file"].FORMAT, 1, {k: v for k, v in meta.items() if not k.startswith("likeness_format")})
+    lib["st"].save_file(path, bad, lib["file"].FORMAT, version,
+                        {k: v for k, v in meta.items() if not k.startswith("likeness_format")})
     with pytest.raises(ValueError, match=r"wrong shapes: layers.input_1_0.visual_k.weight is \[3, 3\], expected \[32, 64\]"):
         lib["file"].load_photoverse(path)
     path2 = os.path.join(setup["tmp"], "meta.safetensors")
     meta2 = {k: v for k, v in meta.items() if not k.startswith("likeness_format") and k != "clip_vision"}
-    lib["st"].save_file(path2, tensors, lib["file"].FORMAT, 1, meta2)
+    lib["st"].save_file(path2, tensors, lib["file"].FORMAT, version, meta2)
     with pytest.raises(ValueError, match="unreadable PhotoVerse metadata"):
         lib["file"].load_photoverse(path2)
 
@@ -179,12 +181,13 @@ def test_damaged_concept_files(lib, setup):
     tmp = setup["tmp"]
     from safetensors.torch import save_file
     good = lib["concept_file"].save_photoverse_concept(str(tmp / "good.safetensors"), setup["concept"])
-    tensors, meta = lib["st"].load_file(good, lib["concept_file"].FORMAT)
-    tensors["visual"] = torch.zeros(5, 7)
+    version = lib["concept_file"].VERSION
+    tensors, meta = lib["st"].load_file(good, lib["concept_file"].FORMAT, (version,))
+    tensors["visual"] = torch.zeros(1, 5, 7)
     bad = str(tmp / "bad_concept.safetensors")
-    lib["st"].save_file(bad, tensors, lib["concept_file"].FORMAT, 1,
+    lib["st"].save_file(bad, tensors, lib["concept_file"].FORMAT, version,
                         {k: v for k, v in meta.items() if not k.startswith("likeness_format")})
-    with pytest.raises(ValueError, match=r"visual should be \(n, 64\)"):
+    with pytest.raises(ValueError, match=r"visual should be \(photos, n, 64\)"):
         lib["concept_file"].load_photoverse_concept(bad)
     with pytest.raises(ValueError, match="is a PhotoVerse adapter file, not a PhotoVerse concept file"):
         lib["concept_file"].load_photoverse_concept(setup["path"])

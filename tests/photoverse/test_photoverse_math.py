@@ -1,14 +1,15 @@
-"""PhotoVerse's equations (docs/methods/photoverse.md, A.7) against independent computations: the ELITE mapper, the CLIP
-layers it reads, the fused cross-attention (dispatcher level and whole blocks of a sampled model), the LoRA weight
-patches, the random-fusion draw, the adapter sizes for SD1.5 and SD2, and the identity at gamma 1, sigma 0, alpha 0."""
+"""PhotoVerse's equations (docs/methods/photoverse.md) against independent computations: the paper's adapter and ELITE's
+mapper, the CLIP layers they read, the fused cross-attention (dispatcher level and whole blocks of a sampled model),
+the LoRA weight patches, the random-fusion draw, the adapter sizes for SD1.5 and SD2, and the identity at gamma 1,
+sigma 0, alpha 0."""
 import math
 
 import pytest
 import torch
 
 import micro as m
-from fixtures_photoverse import (Attn2Recorder, face_image, loaded_adapter, manual_attention, random_cond, sample,
-                                 unet_model)
+from fixtures_photoverse import (check_sampled_blocks, face_image, head_by_hand, loaded_adapter, manual_attention,
+                                 random_cond, sample, unet_model)
 
 VIT_L = {"width": 1024, "layers": 24, "image_size": 224, "patch": 14}
 VIT_H = {"width": 1280, "layers": 32, "image_size": 224, "patch": 14}
@@ -18,11 +19,11 @@ VIT_H = {"width": 1280, "layers": 32, "image_size": 224, "patch": 14}
 def lib(pack):
     from comfyui_likeness.attention import dispatcher, photoverse as pv_attn
     from comfyui_likeness.core import layout
-    from comfyui_likeness.encoders import elite_mapper, photoverse as pv
+    from comfyui_likeness.encoders import elite_mapper, photoverse as pv, photoverse_mlp
     from comfyui_likeness.concepts import photoverse_concept as pvc
     from comfyui_likeness.weights import photoverse as pv_file
     return {"d": dispatcher, "layout": layout, "attn": pv_attn, "mapper": elite_mapper, "pv": pv, "pvc": pvc,
-            "file": pv_file}
+            "file": pv_file, "mlp": photoverse_mlp}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,42 @@ def setup(lib, tmp_path_factory):
     return {"model": model, "cv": cv, "loaded": loaded, "concept": concept}
 
 
-def head_by_hand(seq, x):
-    """Linear -> LN -> LeakyReLU -> Linear -> LN -> LeakyReLU -> Linear from the raw parameters."""
+def mlp_by_hand(seq, x):
+    """Linear -> LN -> LeakyReLU -> Linear -> LN -> LeakyReLU (the paper's adapter) from the raw parameters."""
     x = x.double()
     for i in (0, 3):
         x = x @ seq[i].weight.double().T + seq[i].bias.double()
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], seq[i + 1].weight.double(), seq[i + 1].bias.double(), 1e-5)
         x = torch.where(x > 0, x, 0.01 * x)
-    return x @ seq[6].weight.double().T + seq[6].bias.double()
+    return x
+
+
+def test_paper_adapter_is_a_two_layer_mlp_per_layer_averaged_over_tokens(lib):
+    torch.manual_seed(0)
+    mapper = lib["mlp"].LayerMLPMapper(3, 12, 7, hidden=16)
+    for p in mapper.parameters():   # LayerNorm affine away from identity, so the test sees it
+        torch.nn.init.normal_(p, std=0.5)
+    feats = torch.randn(2, 3, 9, 12)
+    out = mapper(feats)
+    assert out.shape == (2, 3, 7)
+    for i in range(3):
+        seq = getattr(mapper, f"mlp_{i}")
+        assert [type(mod).__name__ for mod in seq] == ["Linear", "LayerNorm", "LeakyReLU"] * 2
+        assert tuple(seq[0].weight.shape) == (16, 12) and tuple(seq[3].weight.shape) == (7, 16)
+        assert torch.allclose(out[:, i].double(), mlp_by_hand(seq, feats[:, i]).mean(1), atol=1e-5)
+    shapes = {k: tuple(v.shape) for k, v in mapper.state_dict().items()}
+    assert shapes == {k: tuple(v) for k, v in lib["mlp"].LayerMLPMapper.shapes(3, 12, 7, 16).items()}
+
+
+def test_elite_local_mapper_gives_one_token_per_patch_averaged_over_layers(lib):
+    torch.manual_seed(1)
+    mapper = lib["mapper"].EliteLocalMapper(3, 12, 7, hidden=16)
+    feats = torch.randn(2, 3, 9, 12)
+    out = mapper(feats)
+    assert out.shape == (2, 8, 7)
+    expected = sum(head_by_hand(getattr(mapper, f"mapping_{i}"), feats[:, i, :1])
+                   + head_by_hand(getattr(mapper, f"mapping_patch_{i}"), feats[:, i, 1:]) for i in range(3)) / 3
+    assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
 def test_mapper_is_cls_head_plus_mean_of_patch_heads(lib):
@@ -78,9 +107,10 @@ def test_concept_holds_words_and_visual_tokens_from_the_adapters(lib, setup):
     c3 = lib["pvc"].encode_photoverse_concept(loaded, cv, image, words=3, visual_tokens="all")
     c1 = lib["pvc"].encode_photoverse_concept(loaded, cv, image, words=1, visual_tokens="first")
     with torch.no_grad():
-        words = loaded.module.words(feats)[0]
+        words = loaded.module.words(feats)[64][0]
         visual = loaded.module.visual_tokens(feats)[0]
         uncond = loaded.module.visual_tokens(zero)[0]
+    assert loaded.spec.text_mapper == loaded.spec.image_mapper == "mlp"   # the paper's adapters by default
     assert c3.space == "token" and set(c3.vectors) == {64}
     assert torch.allclose(c3.vectors[64], words[:3], atol=1e-5)
     assert torch.allclose(c1.vectors[64], words[:1], atol=1e-5)
@@ -114,11 +144,14 @@ def test_adapters_are_sized_from_the_connected_models(lib, sd2):
     adapter = lib["pv"].PhotoVerseAdapter(spec, device="meta")
     shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     assert shapes == {k: tuple(v) for k, v in spec.expected_shapes().items()}
-    assert spec.text_width == spec.context_dim == context
+    assert spec.text_widths == (context,) and spec.context_dim == context
     assert spec.clip_layers == ((32 if sd2 else 24), 4, 8, 12, 16)
-    assert shapes["text_adapter.mapping_0.0.weight"] == (1024, cv["width"])
-    assert shapes["text_adapter.mapping_patch_4.6.weight"] == (context, 1024)
-    assert shapes["image_adapter.mapping_2.6.weight"] == (context, 1024)
+    assert shapes[f"text_adapters.{context}.mlp_0.0.weight"] == (1024, cv["width"])
+    assert shapes[f"text_adapters.{context}.mlp_4.3.weight"] == (context, 1024)
+    assert shapes[f"text_adapters.{context}.mlp_4.4.weight"] == (context,)
+    assert shapes["image_adapter.mlp_2.3.weight"] == (context, 1024)
+    elite = lib["pv"].PhotoVerseSpec.for_models(layout, cv, mapper="elite").expected_shapes()
+    assert elite[f"text_adapters.{context}.mapping_patch_4.6.weight"] == (context, 1024)
     dm = model.model.diffusion_model
     blocks = [n for n, mod in dm.named_modules() if hasattr(mod, "attn2") and hasattr(mod, "attn1")]
     assert set(adapter.layers) == {s.name for s in layout.sites} and len(layout.sites) == len(blocks) == 7
@@ -230,40 +263,9 @@ def test_per_sample_scales_follow_the_batch(lib):
 def test_sampled_blocks_equal_the_equations_with_lora(lib, setup):
     """Every cross-attention block of a sampled micro model: to_out(gamma*Attn(Q,K^T,V^T) + sigma*Attn(Q,K^S,V^S))
     with Q, K^T, V^T from (W + alpha*B@A), recomputed here from the raw weights."""
-    model, loaded, concept = setup["model"], setup["loaded"], setup["concept"]
-    alpha, gamma, sigma = 0.7, 1.3, 0.8
-    base_sd = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    patched = lib["attn"].apply_photoverse(model, loaded, concept, alpha, gamma, sigma)
-    recorder = Attn2Recorder()
-    recorder.attach(patched)
-    sample(patched, random_cond(64, 1), random_cond(64, 2), steps=1)
-    layout = lib["layout"].attention_layout(model)
-    assert set(recorder.outputs) == set(layout.keys)
-    sd = loaded.module.state_dict()
-    data = concept.metadata["photoverse"]
-    for site in layout.sites:
-        n, context, eo = recorder.inputs[site.key]
-        p = f"{site.path}.attn2"
-
-        def w(t):
-            delta = sd[f"layers.{site.name}.lora_{t}.up.weight"].double() @ sd[f"layers.{site.name}.lora_{t}.down.weight"].double()
-            return base_sd[f"{p}.to_{t}.weight"].double() + alpha * delta
-
-        q, k, v = n.double() @ w("q").T, context.double() @ w("k").T, context.double() @ w("v").T
-        heads = eo["n_heads"]
-        text = manual_attention(q, k, v, heads)
-        per = q.shape[0] // len(eo["cond_or_uncond"])
-        rows = []
-        for i, c in enumerate(eo["cond_or_uncond"]):
-            f = (data["visual_uncond"] if c == 1 else data["visual"]).double()
-            ks = (f @ sd[f"layers.{site.name}.visual_k.weight"].double().T)[None]
-            vs = (f @ sd[f"layers.{site.name}.visual_v.weight"].double().T)[None]
-            qi = q[i * per:(i + 1) * per]
-            rows.append(gamma * text[i * per:(i + 1) * per] + sigma * manual_attention(qi, ks, vs, heads))
-        fused = torch.cat(rows)
-        expected = fused @ base_sd[f"{p}.to_out.0.weight"].double().T + base_sd[f"{p}.to_out.0.bias"].double()
-        assert sorted(eo["cond_or_uncond"]) == [0, 1]
-        assert torch.allclose(recorder.outputs[site.key].double(), expected, atol=1e-4), site.name
+    checked = check_sampled_blocks(setup["model"], setup["loaded"], setup["concept"], 0.7, 1.3, 0.8,
+                                   random_cond(64, 1), random_cond(64, 2))
+    assert checked == len(lib["layout"].attention_layout(setup["model"]).sites)
 
 
 def test_gamma_1_sigma_0_alpha_0_is_the_unpatched_model(lib, setup):
@@ -339,12 +341,12 @@ def test_training_modules_and_the_file_give_the_same_numbers(lib, setup, tmp_pat
 
     sig = lib["pvc"].clip_vision_signature(setup["cv"])
     trained = new_adapter_for(setup["model"], sig, hidden=16).init_random(7)
-    assert isinstance(trained.text_adapter.mapping_0[0], torch.nn.Linear)
+    assert isinstance(trained.text_adapters["64"].mlp_0[0], torch.nn.Linear)
     path = save_photoverse(str(tmp_path / "fp32.safetensors"), trained, dtype=torch.float32)
     loaded = load_photoverse(path)
     feats = torch.randn(2, 5, 257, 32)
     with torch.no_grad():
-        assert torch.allclose(loaded.module.words(feats), trained.words(feats), atol=1e-6)
+        assert torch.allclose(loaded.module.words(feats)[64], trained.words(feats)[64], atol=1e-6)
         assert torch.allclose(loaded.module.visual_tokens(feats), trained.visual_tokens(feats), atol=1e-6)
     assert loaded.digest == LoadedPhotoVerse(trained, "x").digest
     assert loaded.digest != setup["loaded"].digest

@@ -188,3 +188,41 @@ def test_foreign_file_in_the_adapter_folder_is_refused(host, base_dir, adapter):
     os.remove(path)
     assert not ok
     assert "not a PhotoVerse adapter file written by ComfyUI-Likeness" in error_of(messages)
+
+
+def _workflow(name):
+    import workflow_tools as wt
+    return wt.shrink(wt.load(os.path.join(wt.API_DIR, f"{name}.json")))
+
+
+def test_multi_photo_workflow_changes_when_the_second_photo_is_added(host, workflow_assets, base_dir):
+    """The shipped multi-photo workflow against the same graph with only the first photo reaching Face Crop."""
+    both = _workflow("photoverse_multi_photo")
+    one = _workflow("photoverse_multi_photo")
+    crop = next(n for n in one.values() if n["class_type"] == "LikenessFaceCrop")
+    crop["inputs"]["image"] = ["3", 0]
+    for prompt, prefix in ((both, "pv_two"), (one, "pv_one")):
+        next(n for n in prompt.values() if n["class_type"] == "SaveImage")["inputs"]["filename_prefix"] = prefix
+    ok, out_both, messages = host.run(both)
+    assert ok, messages
+    ok, out_one, messages = host.run(one)
+    assert ok, messages
+    save = next(k for k, n in both.items() if n["class_type"] == "SaveImage")
+    assert np.abs(image_of(out_both, base_dir, save) - image_of(out_one, base_dir, save)).max() > 0
+
+
+def test_elite_loader_converts_once_into_a_file_the_adapter_loader_lists(host, workflow_assets, base_dir):
+    from comfyui_likeness.weights.photoverse import read_spec
+
+    ok, _, messages = host.run(_workflow("photoverse_elite"))
+    assert ok, messages
+    folder = os.path.join(base_dir, "models", "likeness", "elite", "converted")
+    converted = sorted(os.listdir(folder))
+    assert len(converted) == 1 and converted[0].startswith("elite_") and converted[0].endswith(".safetensors")
+    spec = read_spec(os.path.join(folder, converted[0]))
+    assert spec.text_kv == "replace" and spec.image_mapper == "elite_local" and "no face training" in spec.source
+    import folder_paths
+    assert f"elite/converted/{converted[0]}" in folder_paths.get_filename_list("likeness")
+    listed = host.nodes.NODE_CLASS_MAPPINGS["LikenessEliteLoader"].INPUT_TYPES()["required"]
+    options = {k: listed[k][1]["options"] for k in ("global_mapper", "local_mapper")}
+    assert "global_mapper.pt" in options["global_mapper"] and "local_mapper.pt" in options["local_mapper"]
