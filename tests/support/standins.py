@@ -7,6 +7,8 @@ import os
 
 CHECKPOINT_NAME = "likeness_standin_sd15.safetensors"
 CLIP_VISION_NAME = "likeness_standin_vit_l14.safetensors"
+# variant -> the CLIP vision name the stand-in of that layout is written under
+CLIP_VISION_NAMES = {"vitl": CLIP_VISION_NAME, "vith": "likeness_standin_vit_h14.safetensors"}
 # family -> the checkpoint name the stand-in of that family is written under
 CHECKPOINT_NAMES = {"sd15": CHECKPOINT_NAME, "sd2": "likeness_standin_sd2.safetensors",
                     "sdxl": "likeness_standin_sdxl.safetensors"}
@@ -24,11 +26,28 @@ def ensure_checkpoint(base_dir: str, comfy_dir: str, family: str = "sd15") -> st
     return name
 
 
-def ensure_clip_vision(base_dir: str, comfy_dir: str) -> str:
-    """The stand-in ViT-L/14 CLIP vision file in base_dir/models/clip_vision (0.6 GB, built once per session)."""
+def ensure_clip_vision(base_dir: str, comfy_dir: str, variant: str = "vitl") -> str:
+    """The stand-in CLIP vision file of a layout (vitl: ViT-L/14, 0.6 GB; vith: ViT-H/14, 1.3 GB) in
+    base_dir/models/clip_vision (built once per session)."""
     from standin_clip_vision import build_standin_clip_vision
 
-    path = os.path.join(base_dir, "models", "clip_vision", CLIP_VISION_NAME)
+    name = CLIP_VISION_NAMES[variant]
+    path = os.path.join(base_dir, "models", "clip_vision", name)
     if not os.path.exists(path):
-        build_standin_clip_vision(comfy_dir, path)
-    return CLIP_VISION_NAME
+        build_standin_clip_vision(comfy_dir, path, variant=variant)
+    return name
+
+
+def place_as(base_dir: str, folder: str, name: str, public_name: str) -> str:
+    """Make a stand-in in base_dir/models/<folder> answer to a public file name too (a hard link, no copy), so a
+    shipped workflow that names the public file runs on it."""
+    import shutil
+
+    source = os.path.join(base_dir, "models", folder, name)
+    target = os.path.join(base_dir, "models", folder, public_name)
+    if name != public_name and not os.path.exists(target):
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return public_name
