@@ -282,3 +282,27 @@ def test_v_prediction_model_trains_and_the_export_changes_apply(folders, base_di
     after, _ = apply_output(base.model, trained, base_dir, "taming_v_trained.safetensors", embeds, conds)
     assert torch.equal(before, base_out)
     assert not torch.allclose(after, before, atol=1e-6) and not torch.allclose(after, base_out, atol=1e-6)
+
+
+def test_the_accelerate_loop_trains_the_whole_unet_checkpoints_and_exports(folders, tmp_path):
+    """The shared loop with the default (whole UNet): the checkpoint's trainable state holds the UNet, the run
+    ends with the adapter and the tuned UNet, and sample images come from the inference path."""
+    from safetensors import safe_open
+
+    from comfyui_likeness.train.data import scan_images
+    from comfyui_likeness.train.loop import train
+    from comfyui_likeness.train.taming import TamingTrainer
+
+    base = micro_base(seed=9)
+    cfg = config(tmp_path, max_steps=2, checkpoint_every=2, sample_every=2, batch_size=2)
+    tr = TamingTrainer(base, {**OPTIONS, "general_data": folders["general"]}, scan_images(folders["domain"]), cfg)
+    try:
+        result = train(tr, cfg)
+    finally:
+        tr.close()
+    assert result["step"] == 2 and os.path.isfile(result["export"])
+    assert os.path.isfile(os.path.join(cfg.output_dir, "taming_unet.safetensors"))
+    assert os.path.isfile(os.path.join(cfg.output_dir, "samples", "step_000002.png"))
+    with safe_open(os.path.join(cfg.output_dir, "checkpoints", "step_000002", "trainable.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("encoder.layers.") for k in keys)
