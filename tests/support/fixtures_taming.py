@@ -49,9 +49,9 @@ def subject_photo(h=60, w=80, seed=3):
     return img[None].clamp(0, 1), mask[None]
 
 
-def micro_sd2_768(seed=12, context=96):
-    """An SD2-768-style micro UNet from the host's SD20 config: v-prediction, linear projections in the
-    transformers, SD2's 64-channel heads on 64 and 128 channels (1 and 2 heads), context 96."""
+def micro_sd2_768(seed=12, context=96, v_prediction=True):
+    """An SD2-768-style micro UNet from the host's SD20 config: v-prediction (eps for SD2-base), linear projections
+    in the transformers, SD2's 64-channel heads on 64 and 128 channels (1 and 2 heads), context 96."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -61,7 +61,8 @@ def micro_sd2_768(seed=12, context=96):
     cfg.update({"use_linear_in_transformer": True})   # SD20 adds num_head_channels 64
     config = comfy.supported_models.SD20(cfg)
     config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
+    kind = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(config, model_type=kind, device="cpu")
     m._fill(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())

@@ -3,7 +3,7 @@ host's classes: SDXL (two text encoders, the pooled output and size conditioning
 depth 2) with CLIP vision towers of ViT-H/14 and ViT-bigG/14 depth, and SD2-768 (v-prediction, linear
 transformer projections, 64-channel heads, context 96). Weight 0 is bit-identical to the unpatched model; every
 attn2 output equals an independent computation from the adapter's tensors; each combine mode of several photos
-equals its direct computation."""
+equals its direct computation. SD2-base (eps) runs the same checks."""
 import pytest
 import torch
 
@@ -11,7 +11,8 @@ import micro as m
 from fixtures_taming import (combined_tokens, expected_output, key_of, manual_projection, micro_sd2_768,  # noqa: F401
                              random_adapter, random_cond, sample, spy_on, state_of, subject_photo, taming, vision_of)
 
-FAMILIES = {"sdxl-vit-h": ("sdxl", 32), "sdxl-vit-bigg": ("sdxl", 48), "sd2-768-v": ("sd2_768", 32)}
+FAMILIES = {"sdxl-vit-h": ("sdxl", 32), "sdxl-vit-bigg": ("sdxl", 48), "sd2-768-v": ("sd2_768", 32),
+            "sd2-base": ("sd2_base", 32)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
@@ -23,7 +24,7 @@ def family(request, taming):  # noqa: F811
         conds = (m.sdxl_conditioning(clip, "a photo of a dog on the beach", 64, 64),
                  m.sdxl_conditioning(clip, "blurry", 64, 64))
     else:
-        model = micro_sd2_768()
+        model = micro_sd2_768(v_prediction=kind == "sd2_768")
         conds = (random_cond(96, 1), random_cond(96, 2))
     img, mask = subject_photo()
     img2, mask2 = subject_photo(seed=9)
@@ -42,7 +43,8 @@ def test_the_family_is_what_it_claims(family):
         assert layout.model_name == "SDXL" and model.model.model_config.unet_config["adm_in_channels"] == m.SDXL_ADM
         assert any(k[2] == 1 for k in layout.keys)                       # transformer depth above 1
     else:
-        assert layout.model_type == "V_PREDICTION" and layout.context_dim == 96
+        assert layout.model_type == ("V_PREDICTION" if family["name"] == "sd2-768-v" else "EPS")
+        assert layout.model_name == "SD20" and layout.context_dim == 96
         assert {s.heads for s in layout.sites} == {1, 2}                 # heads follow each level's width
     spec = family["adapter"].module.spec
     assert set(spec.blocks) == {s.name for s in layout.sites} and spec.context_dim == layout.context_dim
