@@ -7,7 +7,8 @@ Models: the stand-in SD1.5 checkpoint (320-channel one-level UNet, random weight
 file (16 object tokens, resampler depth 4, ViT-L/14 width), CPU.
 Run: .host/venv/bin/python bench/bench_taming.py   -> bench/results/taming.json
 
---sdxl: the same comparison on the SDXL stand-in checkpoint   -> bench/results/taming_sdxl.json
+--sdxl: the same comparison on the SDXL stand-in checkpoint (result: taming_sdxl.json in the results folder;
+not measured yet: the shared CPU was too loaded for a stable ratio)
 --train: one Taming Encoder training step on the same stand-in checkpoint (UNet loaded in float32), whole UNet
 (the default) against the adapter only: the training state held between steps (weights + AdamW moments, counted
 from the live tensors), the gradients, the step's peak allocation on top (the CPU profiler, as bench_train), and
