@@ -3,8 +3,9 @@ E TAM2, TAM4).
 
 At every attn2 site, with Q the block's own query (shared, pretrained) and o the object tokens:
     O = Attn(Q, K_text, V_text) + weight * tanh(g_l) * Attn(Q, W_k^l o, W_v^l o)        (before to_out)
-Conditional rows attend to the subject's tokens, unconditional rows (CFG's negative pass) to the learned null
-embedding phi, as in training, where general-domain samples always see phi. Heads and 1/sqrt(d_head) are the
+Conditional rows attend to the subject's tokens, unconditional rows (CFG's negative pass) to the null embedding
+(the projection of eq. 4's fixed phi, or the learned tokens), as in training, where general-domain samples always
+see it. Several photos of one subject are combined on the object tokens (combine_tokens). Heads and 1/sqrt(d_head) are the
 host layer's. weight, the start/end window and the optional attention mask are the dispatcher's.
 """
 import logging
@@ -18,7 +19,7 @@ from ..core.layout import attention_layout, weights_digest
 log = logging.getLogger("likeness")
 
 UNCOND_MODES = {"null embedding": "all", "no adapter": "cond"}
-COMBINES = ("average", "concat")
+COMBINES = ("average", "concat", "norm average")
 
 
 class ObjectTokens:
@@ -103,14 +104,24 @@ class TamingContribution(Contribution):
 
 
 def combine_tokens(tokens: torch.Tensor, combine: str) -> torch.Tensor:
-    """Several reference images of one subject: the mean of their object tokens, or all of them side by side."""
+    """Several photos of one subject, object tokens t_i (images, N, C) -> (1, N or images*N, C):
+    average       mean_i t_i, token by token;
+    concat        every photo's N tokens side by side (images * N tokens);
+    norm average  the mean rescaled, token by token, to the mean of the photos' norms:
+                  mean_i t_i * (mean_i |t_i|) / |mean_i t_i|, norms over the context width. Photos that disagree
+                  give a shorter mean; the rescaling keeps the token as long as a single photo's, so the added
+                  attention is as strong as with one photo."""
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {', '.join(COMBINES)} (got {combine!r})")
     if tokens.shape[0] == 1:
         return tokens
+    if combine == "concat":
+        return tokens.reshape(1, -1, tokens.shape[-1])
+    mean = tokens.mean(dim=0, keepdim=True)
     if combine == "average":
-        return tokens.mean(dim=0, keepdim=True)
-    return tokens.reshape(1, -1, tokens.shape[-1])
+        return mean
+    target = tokens.norm(dim=-1, keepdim=True).mean(dim=0, keepdim=True)
+    return mean * (target / mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 def register_taming(model, encoder, source: ObjectTokens, adapter_patcher=None, layout=None, **window):
@@ -165,13 +176,15 @@ def apply_taming_encoder(model, adapter, embedding, weight: float = 1.0, start_p
     tuned = spec.extra.get("tuned_unet_digest")
     if tuned and tuned != weights_digest(model):
         log.warning("Likeness Taming Encoder: '%s' was trained together with a fine-tuned UNet (the paper tunes the "
-                    "whole network); the connected model is a different one, so the likeness may be weaker",
-                    adapter.name)
+                    "whole network); the connected model is a different one, so the likeness may be weaker. Load "
+                    "the UNet the trainer wrote next to the adapter (taming_unet.safetensors) with Load Diffusion "
+                    "Model", adapter.name)
 
     module = adapter.module
     with torch.no_grad():  # the projection runs once per Apply; sampling only sees its tokens
-        tokens = combine_tokens(module.project(embedding.features.float()).float(), combine).cpu()
-        null = module.null_embedding(1).float().cpu()
+        features = embedding.features.float()
+        tokens = combine_tokens(module.project(features).float(), combine).cpu()
+        null = module.null_embedding(1, like=features).float().cpu()
     source = ObjectTokens(tokens, null)
     return register_taming(model, module, source, adapter.patcher, layout, weight=weight, sigma_start=high,
                            sigma_end=low, mask=mask, apply_to=UNCOND_MODES[uncond])

@@ -149,7 +149,8 @@ def main():
                                                                          "vision_width": net.vision_width}, views),
             "inv_adapter": lambda: InvAdapterTrainer(base, {"reference_size": RES, "s_c": 64, "inversion_steps": 10,
                                                             "face_backend": "none"}, records, config),
-            "taming": lambda: TamingTrainer(base, {"queries": 16, "depth": 4, "face_backend": "none"}, records, config),
+            "taming": lambda: TamingTrainer(base, {"queries": 16, "depth": 4, "face_backend": "none", "train_unet": False,
+                                                   "domain_only": True}, records, config),   # adapter only, as measured
             "photoverse": lambda: PhotoVerseTrainer(base, {"face_backend": "none", "face_fraction": 0.5}, records,
                                                     config, arcface=arcface()),
         }

@@ -7,9 +7,13 @@ training.
 - TamingLayer, one per attn2 site: the added cross-attention's own K/V (context -> heads*dim_head, no bias,
   initialised from the block's attn2 to_k/to_v, TAM2) and a zero-initialised scalar gate g; the site's output
   becomes Attn(Q, K_text, V_text) + weight * tanh(g) * Attn(Q, K_o(o), V_o(o)), before to_out.
-- null_tokens: the learned null embedding phi (TAM4), given to general-domain training samples and to the
-  unconditional pass of CFG. It has N tokens, the same as the object tokens, so cond and uncond rows share
-  one attention call.
+- the null embedding phi that general-domain training samples get instead of o (object-embedding dropping, seed
+  003 §3.4 eq. 4) and that CFG's unconditional pass attends to. Eq. 4 puts phi where o = f_o(x * m) goes, and
+  calls it fixed: with null = "fixed" (the default) phi is a constant in the object-embedding space (all-zero
+  CLIP tokens), so the null tokens the attention sees are the projection of that constant, recomputed from the
+  current projection (the file keeps a copy in null_tokens); with null = "learned" the null tokens are a free
+  parameter (the pack's first design, kept as an option; files without the field are read as learned).
+  Either way it has N tokens, the same as the object tokens, so cond and uncond rows share one attention call.
 Layers use the host's manual-cast ops by default, so weights stored in one dtype run in the model's.
 """
 import math
@@ -21,6 +25,8 @@ from ..core.layout import AttentionLayout
 
 # Known CLIP vision towers, told apart by (hidden width, layers); the host loads all of them as CLIP_VISION.
 VISION_NAMES = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14"}
+NULL_MODES = ("fixed", "learned")
+RESAMPLER_MAX_WIDTH = 1280   # IP-Adapter-Plus: 768 wide for SD1.5, 1280 (not the 2048 context) for SDXL
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,12 @@ class TamingSpec:
     base_model: str = ""         # AttentionLayout.describe() of the model it was built for
     model_name: str = ""
     model_channels: int = 0
+    null: str = "learned"        # "fixed" (eq. 4; what for_layout builds) or "learned"; old files are learned
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.null not in NULL_MODES:
+            raise ValueError(f"null embedding must be one of {', '.join(NULL_MODES)} (got {self.null!r})")
 
     @property
     def tokens(self) -> int:
@@ -95,18 +106,20 @@ class TamingSpec:
 
     @classmethod
     def for_layout(cls, layout: AttentionLayout, vision: VisionSpec, queries: int = 16, depth: int = 4,
-                   heads: int | None = None, dim_head: int | None = None, ff_mult: int = 4):
+                   heads: int | None = None, dim_head: int | None = None, ff_mult: int = 4, null: str = "fixed"):
         """Sized from the model (attn2 sites, context width) and the connected CLIP vision (its width, tokens).
-        The resampler works at the context width with 64-wide heads, as IP-Adapter-Plus does for SD1.5."""
+        The resampler works at the context width, at most 1280, with 64-wide heads, as IP-Adapter-Plus does
+        (SD1.5: 768 = 12 x 64; SDXL: 1280 = 20 x 64, then projected to the 2048-wide context)."""
+        width = min(layout.context_dim, RESAMPLER_MAX_WIDTH)
         if heads is None:
-            heads = max(1, layout.context_dim // 64)
+            heads = max(1, width // 64)
         if dim_head is None:
-            dim_head = max(1, layout.context_dim // heads)
+            dim_head = max(1, width // heads)
         blocks = {s.name: {"inner": s.inner_dim, "heads": s.heads} for s in layout.sites}
         return cls(blocks=blocks, context_dim=layout.context_dim, vision=vision, queries=int(queries),
                    depth=int(depth) if queries > 0 else 0, heads=int(heads), dim_head=int(dim_head),
                    ff_mult=int(ff_mult), base_model=layout.describe(), model_name=layout.model_name,
-                   model_channels=layout.model_channels)
+                   model_channels=layout.model_channels, null=null)
 
     def expected_shapes(self) -> dict:
         """{state_dict key: shape} of the module this spec builds (built on the meta device, nothing allocated)."""
@@ -223,7 +236,11 @@ class TamingEncoder(torch.nn.Module):
         ops = _default_ops(operations)
         self.spec = spec
         self.projection = ObjectProjection(spec, dtype, device, ops)
-        self.null_tokens = torch.nn.Parameter(torch.empty(1, spec.tokens, spec.context_dim, dtype=dtype, device=device))
+        null = torch.empty(1, spec.tokens, spec.context_dim, dtype=dtype, device=device)
+        if spec.null == "learned":
+            self.null_tokens = torch.nn.Parameter(null)
+        else:  # a record of projection(phi) for the file; null_embedding() recomputes it from the projection
+            self.register_buffer("null_tokens", null)
         self.layers = torch.nn.ModuleDict({
             name: TamingLayer(spec.context_dim, b["inner"], dtype, device, ops) for name, b in spec.blocks.items()})
 
@@ -237,9 +254,29 @@ class TamingEncoder(torch.nn.Module):
                              f"{self.spec.vision.hidden_size}); got {tuple(features.shape)}")
         return self.projection(features)
 
+    def null_features(self, like=None):
+        """phi of eq. 4 in the object-embedding space: all-zero CLIP tokens (1, T, W) (fixed mode)."""
+        p = next(self.projection.parameters())
+        like = p if like is None else like
+        dtype = like.dtype if like.dtype.is_floating_point else torch.float32
+        return torch.zeros(1, self.spec.vision.tokens, self.spec.vision.hidden_size, dtype=dtype, device=like.device)
+
     def null_embedding(self, batch: int = 1, like=None):
-        null = self.null_tokens if like is None else _cast(self.null_tokens, like)
+        """The null tokens (batch, N, context): the projection of the fixed phi, or the learned parameter. In
+        fixed mode gradients reach the projection through it, as phi enters the network where o does."""
+        if self.spec.null == "fixed":
+            null = self.project(self.null_features(like))
+            null = null if like is None else _cast(null, like)
+        else:
+            null = self.null_tokens if like is None else _cast(self.null_tokens, like)
         return null.expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def refresh_null(self):
+        """Fixed mode: store the projection of phi in null_tokens (what the file holds); learned: nothing to do."""
+        if self.spec.null == "fixed":
+            self.null_tokens.copy_(self.project(self.null_features()).to(self.null_tokens.dtype))
+        return self
 
     # --- initialisation -----------------------------------------------------------------------------------------
 
@@ -261,16 +298,15 @@ class TamingEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def init_null_from_projection(self):
-        """phi starts as the projection of all-zero CLIP tokens (TAM4's 'projection of zeros'), then is learned."""
-        p = next(self.projection.parameters())
-        zeros = torch.zeros(1, self.spec.vision.tokens, self.spec.vision.hidden_size, dtype=p.dtype, device=p.device)
-        self.null_tokens.copy_(self.project(zeros))
+        """The null tokens start as the projection of all-zero CLIP tokens (TAM4's 'projection of zeros'); in
+        learned mode they are free from there on, in fixed mode they stay that projection."""
+        self.null_tokens.copy_(self.project(self.null_features()))
         return self
 
     @torch.no_grad()
     def init_from_model(self, model_patcher, layout: AttentionLayout, seed: int = 0):
         """Training start (TAM2): K/V copies of each block's attn2 to_k/to_v, gates 0 (the model starts exactly as
-        the base model), default projection, null = projection of zeros. Reads the base weights once, here."""
+        the base model), default projection, null tokens = projection of zeros. Reads the base weights once."""
         sd = model_patcher.model.diffusion_model.state_dict()
         for site in layout.sites:
             layer = self.layers[site.name]
@@ -283,12 +319,14 @@ class TamingEncoder(torch.nn.Module):
     @torch.no_grad()
     def init_random(self, seed: int = 0, scale: float = 1.0, gate: float = 1.0):
         """Random weights for test files and smoke runs (not a trained adapter): K/V std scale/sqrt(context),
-        every gate = `gate`, random null tokens."""
+        every gate = `gate`, random null tokens when they are learned (else the projection of phi)."""
         g = torch.Generator().manual_seed(seed + 1)
         self.init_projection(seed)
         for layer in self.layers.values():
             for lin in (layer.to_k, layer.to_v):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (scale / lin.weight.shape[1] ** 0.5))
             layer.gate.fill_(gate)
-        self.null_tokens.copy_(torch.randn(self.null_tokens.shape, generator=g))
-        return self
+        if self.spec.null == "learned":
+            self.null_tokens.copy_(torch.randn(self.null_tokens.shape, generator=g))
+            return self
+        return self.refresh_null()

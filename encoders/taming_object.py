@@ -36,6 +36,18 @@ class ObjectEmbedding:
     def describe(self) -> str:
         return f"{self.images} image(s) encoded with {self.vision.describe()}"
 
+    def appended(self, other: "ObjectEmbedding", name: str = "add_to") -> "ObjectEmbedding":
+        """This embedding's photos followed by other's (photos of different sizes, encoded one by one)."""
+        if not self.vision.matches(other.vision):
+            raise ValueError(f"{name} was encoded with {self.vision.describe()} but this clip_vision is "
+                             f"{other.vision.describe()}: photos of one subject must be encoded with one CLIP vision model")
+        subject = other.subject
+        if self.subject is not None and other.subject is not None and self.subject.shape[1:] == other.subject.shape[1:]:
+            subject = torch.cat([self.subject, other.subject])   # one tower, one input size: the previews stack
+        per_photo = list(self.info.get("photos", [self.info])) + list(other.info.get("photos", [other.info]))
+        return ObjectEmbedding(features=torch.cat([self.features, other.features]), vision=self.vision,
+                               subject=subject, info={**other.info, "photos": per_photo})
+
 
 def rgb_images(image, name="image") -> torch.Tensor:
     """IMAGE (B, H, W, C) with 1, 3 or 4 channels -> float RGB in [0, 1]."""

@@ -1,7 +1,8 @@
 """Training-time choice of the object embedding (seed 003 §3.3-3.4; docs/methods/taming-encoder.md, E TAM3-TAM4).
 
 Per sample of a mixed batch:
-- general-domain sample (no subject identity): always the null embedding phi (object-embedding dropping);
+- general-domain sample (no subject identity): always the null embedding phi (object-embedding dropping, eq. 4;
+  the encoder's null_embedding(): the projection of the fixed phi, or the learned tokens);
 - domain sample: with probability omega the embedding of ANOTHER image of the same subject (cross-reference
   regularisation, z = (x, o_bar, t)), otherwise the embedding of its own masked image (z = (x, o, t)).
   A sample without another image (unlabelled sets) keeps its own; TAM3 recommends passing a strongly augmented
@@ -40,10 +41,11 @@ def cross_reference_choice(is_domain, has_other, omega: float = DEFAULT_OMEGA, g
     return choice
 
 
-def training_object_tokens(encoder, choice: torch.Tensor, own_features=None, other_features=None) -> torch.Tensor:
+def training_object_tokens(encoder, choice: torch.Tensor, own_features=None, other_features=None,
+                           null=None) -> torch.Tensor:
     """Object tokens (batch, N, context) for a batch: projection of the own or the other image's CLIP tokens,
     or the null embedding, per choice. Only rows that need it are projected; gradients reach the projection and
-    the null embedding."""
+    the null embedding. null: the encoder's null_embedding(1), when the caller has it already."""
     choice = torch.as_tensor(choice, dtype=torch.long)
     batch = choice.shape[0]
     needs = choice != NULL
@@ -59,7 +61,7 @@ def training_object_tokens(encoder, choice: torch.Tensor, own_features=None, oth
         if source.shape[0] != batch:
             raise ValueError(f"the {CHOICE_NAMES[code]} features have {source.shape[0]} samples for a batch of {batch}")
         rows.append(source[i])
-    null = encoder.null_tokens
+    null = encoder.null_embedding(1) if null is None else null
     out = null.expand(batch, -1, -1)
     if rows:
         tokens = encoder.project(torch.stack(rows))

@@ -25,7 +25,8 @@ class LikenessTamingEncode(io.ComfyNode):
             category=CATEGORY,
             description=("The Taming Encoder's object embedding: the frozen CLIP vision model on the subject with its "
                          "background removed (x * mask). Works for objects, pets and faces. Several images of one "
-                         "subject give one embedding per image (Apply averages or concatenates them)."),
+                         "subject give one embedding per image (Apply averages, norm-averages or concatenates "
+                         "them); chain Encode nodes through add_to for photos of different sizes."),
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="the CLIP vision model the adapter was trained with"),
                 io.Image.Input("image", tooltip="photo(s) of the subject"),
@@ -39,14 +40,23 @@ class LikenessTamingEncode(io.ComfyNode):
                                        "letterboxed; center: the centred square"),
                 io.Float.Input("margin", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="space around the subject box, as a fraction of its side"),
+                ObjectEmbeds.Input("add_to", optional=True,
+                                   tooltip="object embeds of other photos of the subject (another Encode or Load "
+                                           "Object Embeds): these photos are added after them"),
             ],
             outputs=[ObjectEmbeds.Output(display_name="object_embeds"),
                      io.Image.Output(display_name="subject", tooltip="what the CLIP vision model saw")],
         )
 
     @classmethod
-    def execute(cls, clip_vision, image, background, crop, margin, mask=None) -> io.NodeOutput:
+    def execute(cls, clip_vision, image, background, crop, margin, mask=None, add_to=None) -> io.NodeOutput:
+        from ..encoders.taming_object import ObjectEmbedding
+
+        if add_to is not None and not isinstance(add_to, ObjectEmbedding):
+            raise ValueError("add_to must come from Taming Encode or Load Object Embeds (Likeness)")
         embedding = encode_object(clip_vision, image, mask, background, crop, margin)
+        if add_to is not None:
+            embedding = add_to.appended(embedding)
         return io.NodeOutput(embedding, embedding.subject)
 
 
@@ -66,7 +76,7 @@ class LikenessTamingApply(io.ComfyNode):
             category=CATEGORY,
             description=("Adds the Taming Encoder's cross-attention to the subject's tokens in every attn2 block: "
                          "out = text attention + weight * tanh(gate) * Attn(Q, K_o, V_o). The unconditional pass "
-                         "attends to the learned null embedding, as in training. Stacks with the other Likeness "
+                         "attends to the null embedding, as in training. Stacks with the other Likeness "
                          "methods and, in either order, with IPAdapter, InstantID, PuLID, SAG and PAG "
                          "(docs/stacking.md)."),
             inputs=[
@@ -78,10 +88,11 @@ class LikenessTamingApply(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
                 io.Combo.Input("uncond", options=list(UNCOND_MODES), default="null embedding",
-                               tooltip="what the negative pass attends to: the learned null embedding (the paper's "
-                                       "training), or nothing (the adapter is off for that pass)"),
+                               tooltip="what the negative pass attends to: the null embedding the adapter was "
+                                       "trained with (its 'no subject'), or nothing (the adapter is off for that pass)"),
                 io.Combo.Input("combine", options=list(COMBINES), default="average",
-                               tooltip="several subject images: average their tokens, or attend to all of them"),
+                               tooltip="several subject photos: average their tokens; norm average (the mean, "
+                                       "rescaled to the photos' mean token length); or concat (attend to all)"),
                 io.Mask.Input("attn_mask", optional=True, tooltip="where in the image the subject is injected"),
             ],
             outputs=[io.Model.Output()],

@@ -28,7 +28,9 @@ class BaseModels:
         return self
 
 
-def load_base_models(checkpoint: str, clip_vision: str | None = None) -> BaseModels:
+def load_base_models(checkpoint: str, clip_vision: str | None = None, unet_dtype=None) -> BaseModels:
+    """unet_dtype: the UNet's weight dtype (None: the host's choice for the device, e.g. fp16 on a GPU); a trainer
+    that trains the UNet's own weights needs torch.float32 master weights."""
     import comfy.clip_vision
     import comfy.sd
     import folder_paths
@@ -39,7 +41,8 @@ def load_base_models(checkpoint: str, clip_vision: str | None = None) -> BaseMod
         raise ValueError(f"checkpoint: '{checkpoint}' is not a .safetensors file; the trainers never unpickle "
                          "checkpoints (convert it first)")
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        checkpoint, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        checkpoint, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        model_options={} if unet_dtype is None else {"dtype": unet_dtype})
     cv = None
     if clip_vision:
         if not os.path.isfile(clip_vision):

@@ -74,6 +74,17 @@ def outpainter_from_options(o: dict, base):
     return outpainter
 
 
+def base_unet_dtype(config):
+    """float32 when the run trains the UNet's own weights (AdamW on fp16 weights loses the updates), else None
+    (the host's choice)."""
+    if config.method == "taming":
+        import torch
+
+        from .taming import trains_whole_unet
+        return torch.float32 if trains_whole_unet(config.options) else None
+    return None
+
+
 def parse(argv):
     from .config import TrainConfig
 
@@ -117,7 +128,7 @@ def main(argv=None):
     from .base_models import load_base_models
     from .loop import overfit_losses, train
 
-    base = load_base_models(config.checkpoint, config.clip_vision or None)
+    base = load_base_models(config.checkpoint, config.clip_vision or None, base_unet_dtype(config))
     trainer = build_trainer(config, base)
     try:
         if args.overfit_check:

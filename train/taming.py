@@ -1,15 +1,21 @@
-"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §5; docs/methods/taming-encoder.md, E TAM1-TAM6) on the pack's modules.
+"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §4, §5; docs/methods/taming-encoder.md, E TAM1-TAM6) on the
+pack's modules.
 
 The object embedding o = f_o(x * m) is the frozen CLIP vision tower on the background-removed subject
 (encoders/taming_object.encode_object: the inference preprocessing). Per sample of a mixed batch
 (encoders/taming_training.py):
   domain-specific sample (a subject with an identity): with probability omega the embedding of ANOTHER image of
-  the same identity (cross-reference regularisation), otherwise its own;
-  general-domain sample: always the learned null embedding phi (object-embedding dropping);
-and the fraction of domain samples is r (0.3 in the paper). The added cross-attention (attention/taming.py,
-gates starting at 0) is trained, optionally with the whole UNet (the paper tunes all of it; Fig. 7 shows that
-training only the added attention loses identity). The loss is the eps-MSE; captions get 10 % text dropout
-(TAM6). The paper gives no learning rate (TAM6): 1e-4 for the adapter, 1e-5 for the UNet.
+  the same identity (cross-reference regularisation, eq. 3), otherwise its own;
+  general-domain sample: always the null embedding phi (object-embedding dropping, eq. 4). phi is fixed by
+  default (all-zero CLIP tokens through the trained projection); null_embedding "learned" trains free tokens;
+and the fraction of domain samples is r (0.3, §5 Fig. 9). The general-domain set is required: r = 1 loses text
+control (Fig. 9), so without options.general_data the trainer stops unless options.domain_only is true.
+What is trained (§3.4 "Whole-Network Tuning", §4 "the entire network except the object encoder"): by default
+the whole UNet together with the added attention (gates starting at 0) and the projection; train_unet false
+trains only the adapter (Fig. 7: keeps text control, loses identity). The whole UNet keeps float32 master
+weights (the command line loads it so); the tuned UNet is written next to the adapter. The loss is the
+eps-MSE; captions get 10 % text dropout (TAM6). The paper gives no learning rate (TAM6): 1e-4 for the adapter,
+1e-5 for the UNet. SDXL: the UNet's `y` comes from the pooled caption output and the image size.
 """
 import logging
 import os
@@ -19,11 +25,11 @@ import torch
 
 from ..core.layout import attention_layout, weights_digest
 from ..attention.taming import attach_for_training
-from ..encoders.taming_encoder import TamingEncoder, TamingSpec, VisionSpec
+from ..encoders.taming_encoder import NULL_MODES, TamingEncoder, TamingSpec, VisionSpec
 from ..encoders.taming_training import DEFAULT_OMEGA, NULL, cross_reference_choice, training_object_tokens
 from .data import ImageDataset, scan_images
 from .diffusion import add_noise, check_trainable_model, denoise, encode_images, eps_from_denoised, eps_loss, fresh
-from .diffusion import sample_timesteps, sigmas_for
+from .diffusion import sample_timesteps, sigmas_for, size_conditioning_y
 from .face_data import face_dataset
 from .method import MethodTrainer
 from .prompt import CaptionEncoder
@@ -32,6 +38,40 @@ log = logging.getLogger("likeness.train")
 
 DOMAIN_RATIO = 0.3      # r [TAM §5, Fig. 9]
 TEXT_DROPOUT = 0.1      # TAM6
+TRAIN_UNET = True       # §3.4 Whole-Network Tuning
+NULL_EMBEDDING = "fixed"  # eq. 4
+UNET_LEARNING_RATE = 1e-5  # TAM6
+
+
+def trains_whole_unet(options: dict) -> bool:
+    """Whether a Taming run trains the UNet's own weights (then the base UNet is loaded in float32)."""
+    return bool(dict(options or {}).get("train_unet", TRAIN_UNET))
+
+
+def check_general_data(options: dict):
+    """The paper mixes a general-domain set in (r = 0.3); training on domain data alone (r = 1) loses text control
+    (Fig. 9), so it takes an explicit domain_only: true."""
+    options = dict(options or {})
+    general, domain_only = options.get("general_data", ""), bool(options.get("domain_only", False))
+    if general and domain_only:
+        raise ValueError("options.general_data and options.domain_only exclude each other: domain_only trains on "
+                         "the domain set alone (r = 1)")
+    if not general and not domain_only:
+        raise ValueError(
+            "the Taming Encoder trainer needs general-domain data: set options.general_data to a folder of captioned "
+            "images (any text-image set; each image with a sidecar .txt caption). The paper mixes a fraction r = 0.3 "
+            "of domain images with general ones; with domain data alone (r = 1) the model loses text control "
+            "(seed 003 Fig. 9). To train on domain data alone anyway, set options.domain_only to true")
+    return general, domain_only
+
+
+def _state_digest(state: dict) -> str:
+    """core.layout.weights_digest of a UNet state dict (what the host sees once it has loaded the saved file)."""
+    import types
+
+    view = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=types.SimpleNamespace(
+        state_dict=lambda: state)))
+    return weights_digest(view)
 
 
 class MixedDataset(torch.utils.data.Dataset):
@@ -42,9 +82,8 @@ class MixedDataset(torch.utils.data.Dataset):
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"domain_ratio must be in (0, 1] (got {ratio})")
         self.domain, self.general, self.ratio, self.seed, self.epoch = domain, general, float(ratio), int(seed), 0
-        if general is None and ratio < 1.0:
-            log.warning("Likeness Taming trainer: no general-domain data (options.general_data); training on "
-                        "domain data only (r = 1), which the paper reports loses text control")
+        if general is None:
+            self.ratio = 1.0   # domain data alone (the trainer only builds this with options.domain_only)
 
     def __len__(self):
         return len(self.domain) if self.general is None else len(self.domain) + len(self.general)
@@ -79,18 +118,22 @@ class TamingStep(torch.nn.Module):
 
     def forward(self, b: dict) -> dict:
         tr = self._trainer[0]
-        tokens = training_object_tokens(self.encoder, b["choice"], b["own"], b["other"])
-        tr.source.set(tokens, self.encoder.null_embedding(1))
-        denoised = denoise(tr.train_patcher, b["x_t"], b["sigma"], b["context"])
+        null = self.encoder.null_embedding(1)
+        tokens = training_object_tokens(self.encoder, b["choice"], b["own"], b["other"], null=null)
+        tr.source.set(tokens, null)
+        conds = {} if b.get("y") is None else {"y": b["y"]}
+        denoised = denoise(tr.train_patcher, b["x_t"], b["sigma"], b["context"], **conds)
         loss = eps_loss(eps_from_denoised(b["x_t"], b["sigma"], denoised), b["noise"])
         return {"loss": loss, "logs": {"null_fraction": float((b["choice"] == NULL).float().mean())}}
 
 
 class TamingTrainer(MethodTrainer):
     """options: queries (16), depth (4), omega (0.5), domain_ratio (0.3), general_data (a folder of general
-    images with captions), general_layout, text_dropout (0.1), train_unet (False), unet_learning_rate (1e-5),
-    background ('black'), the face-crop options of train/face_data.face_dataset (the subject crop and mask;
-    face_backend 'none' encodes the whole image) and default_caption."""
+    images with captions; required unless domain_only), general_layout, domain_only (false), general_caption
+    (caption of general images without one, default ""), text_dropout (0.1), train_unet (true: the whole UNet;
+    false: the adapter only), unet_learning_rate (1e-5), null_embedding ('fixed' | 'learned'), background
+    ('black'), the face-crop options of train/face_data.face_dataset (the subject crop and mask; face_backend
+    'none' encodes the whole image) and default_caption (domain images without a caption)."""
 
     name = "taming"
     file_name = "taming_encoder.safetensors"
@@ -101,8 +144,19 @@ class TamingTrainer(MethodTrainer):
         base.require("clip", "vae", "clip_vision", method="Taming Encoder training")
         check_trainable_model(base.model)
         self.records, self.config = records, config
+        self.general_data, self.domain_only = check_general_data(self.options)
         self.omega = float(self.option("omega", DEFAULT_OMEGA))
-        self.train_unet = bool(self.option("train_unet", False))
+        self.train_unet = trains_whole_unet(self.options)
+        self.null_mode = str(self.option("null_embedding", NULL_EMBEDDING))
+        if self.null_mode not in NULL_MODES:
+            raise ValueError(f"options.null_embedding must be one of {', '.join(NULL_MODES)} (got {self.null_mode!r})")
+        if self.train_unet:
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in base.model.model.diffusion_model.parameters()})
+            if dtypes != ["float32"]:
+                raise ValueError(
+                    f"whole-UNet training (options.train_unet, the paper's setting) keeps float32 master weights, "
+                    f"but the UNet is loaded as {', '.join(dtypes)}: load the checkpoint in float32 (the command line "
+                    "does this for the Taming trainer) or set options.train_unet to false to train the adapter only")
         self.text_dropout = float(self.option("text_dropout", TEXT_DROPOUT))
         self.find_unused_parameters = True  # a batch without domain samples leaves the projection unused
         self._domain = None
@@ -112,7 +166,7 @@ class TamingTrainer(MethodTrainer):
         layout = attention_layout(self.base.model)
         vision = VisionSpec.of_clip_vision(self.base.clip_vision)
         spec = TamingSpec.for_layout(layout, vision, queries=int(self.option("queries", 16)),
-                                     depth=int(self.option("depth", 4)))
+                                     depth=int(self.option("depth", 4)), null=self.null_mode)
         self.encoder = TamingEncoder(spec, dtype=torch.float32, device="cpu")
         self.encoder.init_from_model(self.base.model, layout, seed=self.config.seed).requires_grad_(True)
         self.train_patcher, self.source = attach_for_training(self.base.model, self.encoder)
@@ -120,8 +174,14 @@ class TamingTrainer(MethodTrainer):
         if self.train_unet:
             unet = self.base.model.model.diffusion_model
             unet.requires_grad_(True)   # the frozen() context restores the flags when the trainer closes
-            log.warning("Likeness Taming trainer: training the whole UNet in place (the paper's setting); the tuned "
-                        "UNet is exported next to the adapter")
+            log.info("Likeness Taming trainer: training the whole UNet in place with the adapter (the paper's "
+                     "setting); the tuned UNet is exported next to the adapter (taming_unet.safetensors)")
+        else:
+            log.info("Likeness Taming trainer: training the added attention and the projection only (train_unet "
+                     "false); the paper reports that this keeps text control but loses identity (Fig. 7)")
+        if self.domain_only:
+            log.warning("Likeness Taming trainer: domain_only: training on domain data alone (r = 1), which the "
+                        "paper reports loses text control (Fig. 9)")
         self.captions = CaptionEncoder(self.base.clip)
         self.module = TamingStep(self.encoder, self, unet)
         return self
@@ -130,7 +190,7 @@ class TamingTrainer(MethodTrainer):
         groups = [{"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": learning_rate}]
         if self.train_unet:
             groups.append({"params": [p for p in self.module.unet.parameters() if p.requires_grad],
-                           "lr": float(self.option("unet_learning_rate", 1e-5))})
+                           "lr": float(self.option("unet_learning_rate", UNET_LEARNING_RATE))})
         return groups
 
     def domain_dataset(self):
@@ -144,9 +204,14 @@ class TamingTrainer(MethodTrainer):
     def dataset(self):
         c = self.config
         general = None
-        if self.option("general_data", ""):
-            records = scan_images(self.option("general_data", ""), self.option("general_layout", "folder"))
-            general = ImageDataset(records, c.resolution, c.crop, c.flip, self.option("default_caption", ""), c.seed + 1)
+        if self.general_data:
+            records = scan_images(self.general_data, self.option("general_layout", "folder"))
+            uncaptioned = sum(1 for r in records if not r.captions)
+            if uncaptioned:
+                log.warning("Likeness Taming trainer: %d of %d general-domain images have no caption (they are "
+                            "trained with %r); the general set is what keeps text control, so caption it",
+                            uncaptioned, len(records), self.option("general_caption", ""))
+            general = ImageDataset(records, c.resolution, c.crop, c.flip, self.option("general_caption", ""), c.seed + 1)
         return MixedDataset(self.domain_dataset(), general, float(self.option("domain_ratio", DOMAIN_RATIO)), c.seed)
 
     def object_features(self, faces: torch.Tensor, masks: torch.Tensor, use_mask: torch.Tensor) -> torch.Tensor:
@@ -187,10 +252,11 @@ class TamingTrainer(MethodTrainer):
             sigma = sigmas_for(self.train_patcher, t)
             noise = torch.randn(x0.shape, generator=generator)
             x_t = add_noise(self.train_patcher, x0.cpu(), sigma, noise)
-            context = self.captions(captions)
+            context, pooled = self.captions.with_pooled(captions)
+            y = size_conditioning_y(self.train_patcher, pooled, images.shape[1], images.shape[2])
         to = (lambda x: None if x is None else x.to(device))
         return {"x_t": x_t.to(device), "sigma": sigma.to(device), "noise": noise.to(device),
-                "context": context.to(device), "choice": choice, "own": to(own), "other": to(other)}
+                "context": context.to(device), "y": to(y), "choice": choice, "own": to(own), "other": to(other)}
 
     def export(self, directory: str, module=None) -> str:
         from ..weights.taming_file import save_taming
@@ -208,15 +274,16 @@ class TamingTrainer(MethodTrainer):
                                                            "note": "the UNet tuned with the Taming Encoder adapter; "
                                                                    "load it with Load Diffusion Model"})
             os.replace(unet_path + ".tmp", unet_path)
-            extra["tuned_unet_digest"] = weights_digest(self.base.model)
+            extra["tuned_unet_digest"] = _state_digest(state)   # of the fp16 weights the loader will read
         path = os.path.join(directory, self.file_name)
         save_taming(path, module.encoder, origin="trained", extra=extra)
         return path
 
     def hyperparameters(self) -> dict:
         return {"method": "Taming Encoder (docs/methods/taming-encoder.md)", "base_model": self.base.name, "omega": self.omega,
-                "domain_ratio": float(self.option("domain_ratio", DOMAIN_RATIO)), "text_dropout": self.text_dropout,
-                "train_unet": self.train_unet}
+                "domain_ratio": 1.0 if self.domain_only else float(self.option("domain_ratio", DOMAIN_RATIO)),
+                "domain_only": self.domain_only, "text_dropout": self.text_dropout, "train_unet": self.train_unet,
+                "null_embedding": self.null_mode}
 
     def sample_images(self, module=None, steps: int = 30):
         """Taming Encode -> Taming Encoder Apply (current weights) -> KSampler, on the first domain image."""
@@ -237,7 +304,7 @@ class TamingTrainer(MethodTrainer):
         positive = nodes.CLIPTextEncode().encode(self.base.clip, caption)[0]
         negative = nodes.CLIPTextEncode().encode(self.base.clip, "")[0]
         size = self.config.resolution // 8
-        latent = torch.zeros(1, 4, size, size)
+        latent = torch.zeros(1, attention_layout(self.base.model).latent_channels, size, size)
         samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), steps, 5.0, "euler", "ddim_uniform",
                                       positive, negative, latent, seed=0, disable_pbar=True)
         return self.base.vae.decode(samples)

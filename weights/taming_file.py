@@ -2,20 +2,22 @@
 
 Keys:
     projection.*                      the ObjectProjection (resampler or per-token linear)
-    null_tokens         (1, N, C)     the learned null embedding phi
+    null_tokens         (1, N, C)     the null tokens: the projection of the fixed phi (eq. 4), or the learned ones
     layers.<site>.to_k.weight (inner, C)   added K of the attn2 block <site> (e.g. input_1_0 = ("input", 1, 0))
     layers.<site>.to_v.weight (inner, C)
     layers.<site>.gate        (1,)         tanh(gate) scales the added attention (0 at the start of training)
 Metadata: likeness_format "likeness.taming", version 1, method, base_model (readable), model_name, context_dim,
 model_channels, blocks {site: {inner, heads}}, vision {hidden_size, tokens, layers, image_size}, projection
-{queries, depth, heads, dim_head, ff_mult}, origin ("trained" or "random"), optional tuned_unet_digest (the
-paper tunes the whole UNet: the digest of the UNet the adapter was trained with) and training hyper-parameters.
+{queries, depth, heads, dim_head, ff_mult}, null_embedding ("fixed": null_tokens is the projection of all-zero
+CLIP tokens, recomputed from the projection on load; "learned": null_tokens is itself trained; files written before
+the field existed hold learned ones), origin ("trained" or "random"), optional tuned_unet_digest (the paper tunes
+the whole UNet: the digest of the UNet the adapter was trained with) and training hyper-parameters.
 """
 import os
 
 import torch
 
-from ..encoders.taming_encoder import TamingEncoder, TamingSpec, VisionSpec
+from ..encoders.taming_encoder import NULL_MODES, TamingEncoder, TamingSpec, VisionSpec
 from .safetensors_file import (WeightFileError, check_format, check_tensors, load_file, read_header,
                                register_format, save_file)
 
@@ -49,7 +51,8 @@ def spec_metadata(spec: TamingSpec) -> dict:
             "context_dim": spec.context_dim, "model_channels": spec.model_channels, "blocks": spec.blocks,
             "vision": spec.vision.to_dict(),
             "projection": {"queries": spec.queries, "depth": spec.depth, "heads": spec.heads,
-                           "dim_head": spec.dim_head, "ff_mult": spec.ff_mult}}
+                           "dim_head": spec.dim_head, "ff_mult": spec.ff_mult},
+            "null_embedding": spec.null}
     meta.update({k: spec.extra[k] for k in _SPEC_EXTRA if k in spec.extra})
     return meta
 
@@ -65,11 +68,14 @@ def spec_from_metadata(path: str, meta: dict) -> TamingSpec:
         if not blocks:
             raise ValueError("no attention blocks listed")
         proj = meta["projection"]
+        null = str(meta.get("null_embedding", "learned"))  # files from before the field: a learned phi
+        if null not in NULL_MODES:
+            raise ValueError(f"null_embedding {null!r} is neither {' nor '.join(NULL_MODES)}")
         return TamingSpec(
             blocks=blocks, context_dim=int(meta["context_dim"]), vision=VisionSpec.from_dict(meta["vision"]),
             queries=int(proj["queries"]), depth=int(proj["depth"]), heads=int(proj["heads"]),
             dim_head=int(proj["dim_head"]), ff_mult=int(proj["ff_mult"]), base_model=str(meta.get("base_model", "")),
-            model_name=str(meta.get("model_name", "")), model_channels=int(meta.get("model_channels", 0)),
+            model_name=str(meta.get("model_name", "")), model_channels=int(meta.get("model_channels", 0)), null=null,
             extra={k: meta[k] for k in _SPEC_EXTRA if k in meta})
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise WeightFileError(f"'{name}' has unreadable Taming Encoder metadata ({e}); it is damaged") from e
@@ -78,6 +84,7 @@ def spec_from_metadata(path: str, meta: dict) -> TamingSpec:
 def save_taming(path: str, module: TamingEncoder, origin: str = "trained", extra: dict | None = None,
                 dtype=torch.float16):
     meta = {**spec_metadata(module.spec), "origin": origin, **(extra or {})}
+    module.refresh_null()  # fixed phi: the file holds the projection it gives with these weights
     tensors = {k: v.detach().to(dtype) for k, v in module.state_dict().items()}
     return save_file(path, tensors, FORMAT, VERSION, meta)
 
@@ -138,11 +145,11 @@ def check_taming_for_vision(spec: TamingSpec, vision: VisionSpec, name: str = "t
 
 
 def write_random_taming(path: str, model_patcher, vision: VisionSpec, queries: int = 16, depth: int = 2,
-                        seed: int = 0, scale: float = 1.0, gate: float = 1.0, dtype=torch.float16):
+                        seed: int = 0, scale: float = 1.0, gate: float = 1.0, dtype=torch.float16, null: str = "fixed"):
     """A Taming Encoder file with random weights for the given model and CLIP vision shape (tests, demos,
     benchmarks: not a trained adapter)."""
     from ..core.layout import attention_layout
 
-    spec = TamingSpec.for_layout(attention_layout(model_patcher), vision, queries=queries, depth=depth)
+    spec = TamingSpec.for_layout(attention_layout(model_patcher), vision, queries=queries, depth=depth, null=null)
     module = TamingEncoder(spec, dtype=torch.float32, device="cpu").init_random(seed, scale, gate)
     return save_taming(path, module, origin="random", dtype=dtype)

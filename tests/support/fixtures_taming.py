@@ -49,14 +49,33 @@ def subject_photo(h=60, w=80, seed=3):
     return img[None].clamp(0, 1), mask[None]
 
 
+def micro_sd2_768(seed=12, context=96, v_prediction=True):
+    """An SD2-768-style micro UNet from the host's SD20 config: v-prediction (eps for SD2-base), linear projections
+    in the transformers, SD2's 64-channel heads on 64 and 128 channels (1 and 2 heads), context 96."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = m.unet_config(context=context, channels=64)
+    cfg.update({"use_linear_in_transformer": True})   # SD20 adds num_head_channels 64
+    config = comfy.supported_models.SD20(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    kind = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(config, model_type=kind, device="cpu")
+    m._fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def vision_of(lib, cv):
     return lib["enc"].VisionSpec.of_clip_vision(cv)
 
 
-def random_adapter(lib, model, vision, queries=4, depth=2, seed=0, gate=0.8, scale=1.0):
+def random_adapter(lib, model, vision, queries=4, depth=2, seed=0, gate=0.8, scale=1.0, null="fixed"):
     """A TamingAdapter (float32, random weights) for model and vision, without a file."""
     layout = lib["layout"].attention_layout(model)
-    spec = lib["enc"].TamingSpec.for_layout(layout, vision, queries=queries, depth=depth)
+    spec = lib["enc"].TamingSpec.for_layout(layout, vision, queries=queries, depth=depth, null=null)
     module = lib["enc"].TamingEncoder(spec, dtype=torch.float32, device="cpu").init_random(seed, scale, gate)
     module.requires_grad_(False)
     return lib["file"].TamingAdapter(module, "random-test-adapter")
@@ -68,8 +87,6 @@ def layer_norm(x, w, b, eps=1e-5):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
     return (x - mu) / torch.sqrt(var + eps) * w + b
-
-
 
 
 def manual_projection(state: dict, spec, features):
@@ -96,6 +113,55 @@ def manual_projection(state: dict, spec, features):
     return layer_norm(y, s["projection.norm_out.weight"], s["projection.norm_out.bias"])
 
 
+def state_of(adapter):
+    """The adapter's tensors in float64, plus "null_expected": its null tokens computed independently."""
+    state = {k: v.double() for k, v in adapter.module.state_dict().items()}
+    return {**state, "null_expected": null_tokens(state, adapter.module.spec)}
+
+
+def row_kinds(eo, rows):
+    cou = eo["cond_or_uncond"]
+    per = rows // len(cou)
+    return ["uncond" if cou[r // per] == 1 else "cond" for r in range(rows)]
+
+
+def expected_output(taming, e, state, tokens, weight, uncond="null embedding", row_factor=None):
+    """Attn(Q, K, V) + weight * tanh(g) * Attn(Q, W_k o_r, W_v o_r) with o_r = tokens (cond) or the null tokens
+    (uncond; state_of's independent computation: the projection of all-zero CLIP tokens for a fixed phi)."""
+    q, k, v, eo = e["q"], e["k"], e["v"], e["eo"]
+    heads = eo["n_heads"]
+    name = taming["layout"].site_name(key_of(eo))
+    wk, wv = state[f"layers.{name}.to_k.weight"], state[f"layers.{name}.to_v.weight"]
+    gate = torch.tanh(state[f"layers.{name}.gate"])
+    out = manual_attention(q, k, v, heads)
+    null = state["null_expected"][0]
+    for r, kind in enumerate(row_kinds(eo, q.shape[0])):
+        if kind == "uncond" and uncond == "no adapter":
+            continue
+        ctx = null if kind == "uncond" else tokens[0]
+        term = manual_attention(q[r:r + 1], (ctx @ wk.t())[None], (ctx @ wv.t())[None], heads)
+        factor = 1.0 if row_factor is None else row_factor(e, r)
+        out[r:r + 1] = out[r:r + 1] + weight * gate * factor * term
+    return out
+
+
+def null_tokens(state: dict, spec):
+    """The null tokens from the state dict: the projection of eq. 4's fixed phi (zeros), or the learned ones."""
+    if spec.null == "fixed":
+        return manual_projection(state, spec, torch.zeros(1, spec.vision.tokens, spec.vision.hidden_size))
+    return state["null_tokens"].double()
+
+
+def combined_tokens(per_image, combine):
+    """Several photos' object tokens (images, N, C) combined, written out: mean; side by side; the mean rescaled
+    token by token to the mean of the photos' norms."""
+    if combine == "concat":
+        return per_image.reshape(1, -1, per_image.shape[-1])
+    mean = per_image.mean(0, keepdim=True)
+    if combine == "average":
+        return mean
+    norms = torch.sqrt((per_image ** 2).sum(-1, keepdim=True)).mean(0, keepdim=True)
+    return mean * norms / torch.sqrt((mean ** 2).sum(-1, keepdim=True))
 
 
 def spy_on(lib, model, site="attn2"):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import micro as m
-from fixtures_taming import (key_of, manual_attention, manual_projection, micro_cv, random_adapter,  # noqa: F401
-                             random_cond, sample, spy_on, subject_photo, taming, vision_of)
+from fixtures_taming import (combined_tokens, expected_output, key_of, manual_attention, manual_projection,  # noqa: F401
+                             micro_cv, random_adapter, random_cond, row_kinds, sample, spy_on, state_of, subject_photo,
+                             taming, vision_of)
 
 
 @pytest.fixture(scope="module")
@@ -21,34 +22,6 @@ def setup(taming, micro_cv):  # noqa: F811
     adapter = random_adapter(taming, model, vision, queries=4, depth=2, seed=1, gate=0.7)
     return {"model": model, "vision": vision, "embedding": embedding, "two": two, "adapter": adapter,
             "layout": taming["layout"].attention_layout(model)}
-
-
-def state_of(adapter):
-    return {k: v.double() for k, v in adapter.module.state_dict().items()}
-
-
-def row_kinds(eo, rows):
-    cou = eo["cond_or_uncond"]
-    per = rows // len(cou)
-    return ["uncond" if cou[r // per] == 1 else "cond" for r in range(rows)]
-
-
-def expected_output(taming, e, state, tokens, weight, uncond="null embedding", row_factor=None):
-    """Attn(Q, K, V) + weight * tanh(g) * Attn(Q, W_k o_r, W_v o_r) with o_r = tokens (cond) or phi (uncond)."""
-    q, k, v, eo = e["q"], e["k"], e["v"], e["eo"]
-    heads = eo["n_heads"]
-    name = taming["layout"].site_name(key_of(eo))
-    wk, wv = state[f"layers.{name}.to_k.weight"], state[f"layers.{name}.to_v.weight"]
-    gate = torch.tanh(state[f"layers.{name}.gate"])
-    out = manual_attention(q, k, v, heads)
-    for r, kind in enumerate(row_kinds(eo, q.shape[0])):
-        if kind == "uncond" and uncond == "no adapter":
-            continue
-        ctx = state["null_tokens"][0] if kind == "uncond" else tokens[0]
-        term = manual_attention(q[r:r + 1], (ctx @ wk.t())[None], (ctx @ wv.t())[None], heads)
-        factor = 1.0 if row_factor is None else row_factor(e, r)
-        out[r:r + 1] = out[r:r + 1] + weight * gate * factor * term
-    return out
 
 
 def test_every_site_output_equals_the_independent_computation(taming, setup):
@@ -152,13 +125,13 @@ def test_sigma_window(taming, setup):
     assert seen["in"] and seen["out"]
 
 
-def test_several_images_average_or_concat(taming, setup):
+def test_several_images_average_concat_or_norm_average(taming, setup):
     adapter, two = setup["adapter"], setup["two"]
     state = state_of(adapter)
     per_image = manual_projection(state, adapter.module.spec, two.features)
     assert per_image.shape[0] == 2
-    for combine, tokens in (("average", per_image.mean(0, keepdim=True)),
-                            ("concat", per_image.reshape(1, -1, per_image.shape[-1]))):
+    for combine in taming["att"].COMBINES:
+        tokens = combined_tokens(per_image, combine)
         patched = taming["att"].apply_taming_encoder(setup["model"], adapter, two, weight=0.8, combine=combine)
         spied, log = spy_on(taming, patched)
         sample(spied, random_cond(64, 1), random_cond(64, 2), steps=1)
@@ -167,6 +140,23 @@ def test_several_images_average_or_concat(taming, setup):
             # uncond rows see phi once: repeating phi to the concatenated length must not change the result
             expected = expected_output(taming, e, state, tokens, 0.8)
             assert torch.allclose(e["out"].double(), expected, atol=1e-4, rtol=1e-4), combine
+
+
+def test_norm_average_keeps_the_photos_mean_norm(taming):
+    """norm average = the mean rescaled token by token to the mean of the photos' norms; average shrinks when the
+    photos disagree, norm average does not; one photo is left as it is by every mode."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 16, generator=g)
+    t[1] *= 4.0
+    out = taming["att"].combine_tokens(t, "norm average")
+    mean = t.mean(0)
+    assert torch.allclose(out[0].norm(dim=-1), t.norm(dim=-1).mean(0), atol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(out[0], mean, dim=-1), torch.ones(5), atol=1e-6)
+    assert bool((taming["att"].combine_tokens(t, "average")[0].norm(dim=-1) < t.norm(dim=-1).mean(0)).all())
+    for combine in taming["att"].COMBINES:
+        assert torch.equal(taming["att"].combine_tokens(t[:1], combine), t[:1])
+    with pytest.raises(ValueError, match="combine must be one of average, concat, norm average"):
+        taming["att"].combine_tokens(t, "sum")
 
 
 def test_two_adapters_stack_on_the_same_sites(taming, setup):

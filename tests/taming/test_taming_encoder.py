@@ -176,34 +176,50 @@ def test_cross_reference_choice_follows_section_c3(taming):
         tr.cross_reference_choice([True, False], [True, True, True])
 
 
-def test_training_tokens_pick_rows_and_carry_gradients(taming, micro_cv):  # noqa: F811
+@pytest.mark.parametrize("null", ["fixed", "learned"])
+def test_training_tokens_pick_rows_and_carry_gradients(taming, micro_cv, null):  # noqa: F811
+    """Eq. 4: a general-domain row gets phi. Fixed (the default): phi is all-zero CLIP tokens, so the row holds the
+    projection of zeros and its gradient reaches the projection; learned: the free null tokens get it."""
     tr = taming["train"]
     model = m.micro_model()
-    adapter = random_adapter(taming, model, vision_of(taming, micro_cv), queries=3, depth=1, seed=6)
+    adapter = random_adapter(taming, model, vision_of(taming, micro_cv), queries=3, depth=1, seed=6, null=null)
     module = adapter.module
     module.requires_grad_(True)
     g = torch.Generator().manual_seed(3)
     own, other = torch.randn(3, 257, 32, generator=g), torch.randn(3, 257, 32, generator=g)
     choice = torch.tensor([tr.OWN, tr.CROSS, tr.NULL])
     tokens = tr.training_object_tokens(module, choice, own, other)
+    state = {k: v.detach() for k, v in module.state_dict().items()}
     with torch.no_grad():
         assert torch.allclose(tokens[0], module.project(own[:1])[0], atol=1e-5)
         assert torch.allclose(tokens[1], module.project(other[1:2])[0], atol=1e-5)
-        assert torch.equal(tokens[2], module.null_tokens[0])
+        if null == "fixed":
+            zeros = manual_projection(state, module.spec, torch.zeros(1, 257, 32))
+            assert torch.allclose(tokens[2].double(), zeros[0], atol=1e-5)
+            assert "null_tokens" not in dict(module.named_parameters())     # nothing of phi is trained
+        else:
+            assert torch.equal(tokens[2], module.null_tokens[0])
+    only_null = tr.training_object_tokens(module, torch.tensor([tr.NULL]), None, None)
+    only_null.square().sum().backward()
+    if null == "fixed":
+        assert module.projection.latents.grad.abs().sum() > 0   # phi enters where o does: through the projection
+    else:
+        assert module.null_tokens.grad.abs().sum() > 0 and module.projection.latents.grad is None
+    module.zero_grad(set_to_none=True)
     tokens.square().sum().backward()
-    assert module.null_tokens.grad is not None and module.null_tokens.grad.abs().sum() > 0
     assert module.projection.proj_in.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="cross-reference embedding but no such CLIP features"):
         tr.training_object_tokens(module, choice, own, None)
     module.requires_grad_(False)
 
 
-def test_the_same_modules_train_through_the_hosts_unet(taming, micro_cv):  # noqa: F811
-    """Gradients of an eps loss through BaseModel.apply_model reach K/V, gates, projection and phi."""
+@pytest.mark.parametrize("null", ["fixed", "learned"])
+def test_the_same_modules_train_through_the_hosts_unet(taming, micro_cv, null):  # noqa: F811
+    """Gradients of an eps loss through BaseModel.apply_model reach K/V, gates, projection and (learned) phi."""
     tr, att = taming["train"], taming["att"]
     model = m.micro_model()
     layout = taming["layout"].attention_layout(model)
-    spec = taming["enc"].TamingSpec.for_layout(layout, vision_of(taming, micro_cv), queries=3, depth=1)
+    spec = taming["enc"].TamingSpec.for_layout(layout, vision_of(taming, micro_cv), queries=3, depth=1, null=null)
     module = taming["enc"].TamingEncoder(spec, dtype=torch.float32, device="cpu").init_from_model(model, layout)
     patched, source = att.attach_for_training(model, module)
     model.model.requires_grad_(False)
@@ -215,7 +231,7 @@ def test_the_same_modules_train_through_the_hosts_unet(taming, micro_cv):  # noq
 
     def loss():
         choice = tr.cross_reference_choice([True, False], [False, False])
-        source.set(tr.training_object_tokens(module, choice, feats), module.null_tokens)
+        source.set(tr.training_object_tokens(module, choice, feats), module.null_embedding(1))
         to = {**patched.model_options["transformer_options"]}
         den = patched.model.apply_model(x + noise * 1.5, sigma, c_crossattn=cond, transformer_options=to)
         return (den - x).square().mean()
@@ -235,5 +251,8 @@ def test_the_same_modules_train_through_the_hosts_unet(taming, micro_cv):  # noq
         assert all(layer.to_k.weight.grad.abs().sum() > 0 and layer.to_v.weight.grad.abs().sum() > 0
                    for layer in module.layers.values())
         assert module.projection.proj_in.weight.grad.abs().sum() > 0
-        assert module.null_tokens.grad.abs().sum() > 0
+        if null == "learned":
+            assert module.null_tokens.grad.abs().sum() > 0
+        else:
+            assert not module.null_tokens.requires_grad    # a buffer: the projection of the fixed phi
     assert not any(p.grad is not None for p in model.model.diffusion_model.parameters())

@@ -57,6 +57,38 @@ def test_adapter_round_trip(taming, adapter, saved, model):
     assert loaded.module.project(feats).dtype == torch.float32
 
 
+def test_the_file_records_its_null_embedding_and_older_files_load_as_learned(taming, model, micro_cv, tmp_path):  # noqa: F811
+    """Files written before the null_embedding field hold a learned phi: they load as learned, and Apply's
+    unconditional rows attend to their stored null tokens; a fixed-phi file holds the projection of zeros."""
+    from fixtures_taming import expected_output, manual_projection, random_cond, sample, spy_on, state_of
+
+    vision = vision_of(taming, micro_cv)
+    learned = random_adapter(taming, model, vision, queries=4, depth=1, seed=8, null="learned")
+    path = taming["file"].save_taming(str(tmp_path / "learned.safetensors"), learned.module, origin="random")
+    old = rewrite(path, str(tmp_path / "old.safetensors"), meta={"null_embedding": None})
+    meta, _ = taming["st"].read_header(old, "x")
+    assert "null_embedding" not in meta
+    loaded = taming["file"].load_taming(old)
+    assert loaded.module.spec.null == "learned" and isinstance(loaded.module.null_tokens, torch.nn.Parameter)
+    assert torch.equal(loaded.module.null_tokens, learned.module.null_tokens.to(torch.float16))
+    img, mask = subject_photo()
+    emb = taming["obj"].encode_object(micro_cv, img, mask)
+    spied, log = spy_on(taming, taming["att"].apply_taming_encoder(model, loaded, emb, weight=0.7))
+    sample(spied, random_cond(64, 1), random_cond(64, 2), steps=1)
+    state = state_of(loaded)
+    tokens = manual_projection(state, loaded.module.spec, emb.features)
+    assert log and all(torch.allclose(e["out"].double(), expected_output(taming, e, state, tokens, 0.7), atol=1e-3)
+                       for e in log)
+    fixed = random_adapter(taming, model, vision, queries=4, depth=1, seed=8)
+    path = taming["file"].save_taming(str(tmp_path / "fixed.safetensors"), fixed.module, origin="random")
+    spec = taming["file"].read_spec(path)
+    assert spec.null == "fixed"
+    back = taming["file"].load_taming(path).module
+    zeros = manual_projection(state_of(fixed), spec, torch.zeros(1, 257, 32))
+    assert torch.allclose(back.null_tokens.double(), zeros, atol=1e-2)   # fp16 copy of the projection of phi
+    assert "null_tokens" not in dict(back.named_parameters())
+
+
 def test_random_writer_sizes_from_model_and_vision(taming, model, tmp_path):
     vision = taming["enc"].VisionSpec(1280, 257, 32)
     path = taming["file"].write_random_taming(str(tmp_path / "r.safetensors"), model, vision, queries=5, depth=1)
@@ -78,6 +110,7 @@ def test_random_writer_sizes_from_model_and_vision(taming, model, tmp_path):
     ("wrong shape", "wrong shapes: layers.input_1_0.to_k.weight"),
     ("no blocks", "without blocks in its metadata"),
     ("bad projection", "unreadable Taming Encoder metadata"),
+    ("bad null", "null_embedding 'zero' is neither fixed nor learned"),
 ])
 def test_bad_adapter_files_are_refused(taming, saved, tmp_path, case, message):
     out = str(tmp_path / "bad.safetensors")
@@ -107,6 +140,8 @@ def test_bad_adapter_files_are_refused(taming, saved, tmp_path, case, message):
         rewrite(saved, out, meta={"blocks": None})
     elif case == "bad projection":
         rewrite(saved, out, meta={"projection": json.dumps({"queries": 4})})
+    elif case == "bad null":
+        rewrite(saved, out, meta={"null_embedding": "zero"})
     with pytest.raises(taming["st"].WeightFileError, match=message):
         taming["file"].load_taming(out)
 
@@ -172,6 +207,23 @@ def test_object_embeds_round_trip_and_errors(taming, micro_cv, tmp_path):  # noq
     with pytest.raises(st.WeightFileError, match="is a Taming Encoder adapter file, not a Taming Encoder object"):
         ef.load_object_embeds(bad)
     assert os.path.exists(path)
+
+
+def test_object_embeds_file_holds_several_photos_and_apply_combines_them_alike(taming, micro_cv, model, tmp_path):  # noqa: F811
+    """Several photos in one file (one row each); every combine mode gives the same tokens from the loaded file as
+    from the encoded embedding."""
+    ef = taming["embeds_file"]
+    photos = [subject_photo(seed=s) for s in (3, 5, 9)]
+    emb = taming["obj"].encode_object(micro_cv, torch.cat([p[0] for p in photos]), torch.cat([p[1] for p in photos]))
+    back = ef.load_object_embeds(ef.save_object_embeds(str(tmp_path / "three.safetensors"), emb))
+    assert back.images == 3 and torch.equal(back.features, emb.features) and back.subject.shape[0] == 3
+    adapter = random_adapter(taming, model, vision_of(taming, micro_cv), queries=4, depth=1, seed=2)
+    for combine in taming["att"].COMBINES:
+        a = taming["att"].apply_taming_encoder(model, adapter, emb, combine=combine)
+        b = taming["att"].apply_taming_encoder(model, adapter, back, combine=combine)
+        ta = next(iter(taming["d"].dispatchers(a, "attn2").values())).contributions[0].source.tokens
+        tb = next(iter(taming["d"].dispatchers(b, "attn2").values())).contributions[0].source.tokens
+        assert torch.equal(ta, tb) and ta.shape[1] == (12 if combine == "concat" else 4)
 
 
 def test_adapter_trained_with_a_tuned_unet_warns_on_another_model(taming, adapter, model, micro_cv,  # noqa: F811

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import micro as m
-from fixtures_taming import taming, taming_assets  # noqa: F401
+from fixtures_taming import micro_cv, taming, taming_assets  # noqa: F401
 import standins
 
 CKPT = standins.CHECKPOINT_NAME
@@ -170,8 +170,46 @@ def test_nodes_are_registered_with_their_types(host):
     assert required["model"][0] == "MODEL" and required["taming"][0] == "LIKENESS_TAMING"
     assert required["object_embeds"][0] == "LIKENESS_OBJECT_EMBEDS" and "attn_mask" in optional
     assert apply["output"] == ["MODEL"] and apply["category"] == "Likeness/taming"
+    assert required["combine"][1]["options"] == ["average", "concat", "norm average"]
     encode = nodes.NODE_CLASS_MAPPINGS["LikenessTamingEncode"].GET_NODE_INFO_V1()
     assert encode["input"]["required"]["clip_vision"][0] == "CLIP_VISION" and "mask" in encode["input"]["optional"]
+    assert encode["input"]["optional"]["add_to"][0] == "LIKENESS_OBJECT_EMBEDS"
     assert encode["output"] == ["LIKENESS_OBJECT_EMBEDS", "IMAGE"]
     for node_id in ("LikenessTamingLoader", "LikenessObjectEmbedsSave", "LikenessObjectEmbedsLoad"):
         assert nodes.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()["category"] == "Likeness/taming"
+
+
+def test_second_photo_added_through_add_to_changes_the_image(host, base_dir, saved_embeds):
+    """Several photos of different sizes: a second Encode adds the coffee photo to the saved cat embedding; Apply
+    combines them (norm average), and the image differs from the one-photo image."""
+    name, one_photo = saved_embeds
+    extra = {"2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}},
+             "3": {"class_type": "LoadImage", "inputs": {"image": "coffee.png"}},
+             "4": load_node(name)}
+    second = {"class_type": "LikenessTamingEncode", "inputs": {
+        "clip_vision": ["2", 0], "image": ["3", 0], "background": "white", "crop": "pad to square", "margin": 0.1,
+        "add_to": ["4", 0]}}
+    g = graph(second, prefix="taming_two_photos", extra=extra)
+    g["7"]["inputs"]["combine"] = "norm average"
+    ok, outputs, messages = host.run(g)
+    assert ok, messages
+    assert not np.array_equal(image_of(outputs, base_dir), one_photo)
+
+
+def test_add_to_appends_photos_and_refuses_another_tower(taming, micro_cv):  # noqa: F811
+    from fixtures_taming import subject_photo
+
+    from comfyui_likeness.nodes.taming import LikenessTamingEncode
+
+    small, small_mask = subject_photo(h=60, w=80, seed=3)
+    big, big_mask = subject_photo(h=90, w=120, seed=5)
+    first = LikenessTamingEncode.execute(micro_cv, small, "black", "subject box", 0.1, mask=small_mask).result[0]
+    out = LikenessTamingEncode.execute(micro_cv, big, "black", "subject box", 0.1, mask=big_mask, add_to=first).result
+    alone = taming["obj"].encode_object(micro_cv, big, big_mask)
+    assert out[0].images == 2 and out[1].shape[0] == 2 and len(out[0].info["photos"]) == 2
+    assert torch.equal(out[0].features[0], first.features[0]) and torch.equal(out[0].features[1], alone.features[0])
+    other = m.micro_clip_vision(width=48)
+    with pytest.raises(ValueError, match="add_to was encoded with .*32 wide.* but this clip_vision is .*48 wide"):
+        LikenessTamingEncode.execute(other, big, "black", "subject box", 0.1, mask=big_mask, add_to=first)
+    with pytest.raises(ValueError, match="add_to must come from Taming Encode"):
+        LikenessTamingEncode.execute(micro_cv, big, "black", "subject box", 0.1, add_to="not an embedding")
