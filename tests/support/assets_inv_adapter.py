@@ -3,13 +3,15 @@
 - models/likeness/inv_adapter_eaa_sd15.safetensors: an EAA file with random weights for the stand-in checkpoint,
   built for the reference size the workflow test uses (SHRINK below: 64x64) with s_c = 16, so the token
   aggregation runs (64 -> 16 tokens). A trained EAA (the training issue) takes its place for real use.
-- models/controlnet/control_v11p_sd15_canny.safetensors: a ControlNet with random weights that the host's own
+- models/controlnet/control_v11p_sd15_canny_fp16.safetensors: a ControlNet with random weights that the host's own
   ControlNetLoader accepts for the stand-in checkpoint. The stand-in UNet has one level and no middle block; the
   host builds a ControlNet from the config it detects in the ControlNet's own state dict, so this one mirrors the
   stand-in's input blocks (320 channels, one level, one res block + transformer) and has a ResBlock-only middle
   block (transformer_depth_middle -1, detected from 'middle_block.0.in_layers'); the UNet adds the middle
-  residual after its (absent) middle block, where the shapes match. The name is the common SD1.5 canny
-  ControlNet's, so the shipped workflow runs as is for users who have it.
+  residual after its (absent) middle block, where the shapes match. The name is the public fp16 SD1.5
+  canny ControlNet's, so the shipped workflow runs as is for users who have it.
+
+Both are placed by standins.py under the names the shipped workflows use.
 """
 import os
 
@@ -18,7 +20,7 @@ import torch
 import standins
 
 EAA_NAME = "inv_adapter_eaa_sd15.safetensors"
-CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"
+CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
 CHECKPOINT = standins.CHECKPOINT_NAME
 REFERENCE_SIZE = 64
 
@@ -61,13 +63,3 @@ def write_standin_eaa(path: str, checkpoint_path: str, reference_size: int = REF
 
     model = comfy.sd.load_checkpoint_guess_config(checkpoint_path, output_vae=False, output_clip=False)[0]
     return write_random_eaa(path, model, reference_size=reference_size, s_c=s_c, seed=21, scale=0.5)
-
-
-def prepare(base_dir: str, comfy_dir: str):
-    models = os.path.join(base_dir, "models")
-    cn = os.path.join(models, "controlnet", CONTROLNET_NAME)
-    if not os.path.exists(cn):
-        write_standin_controlnet(cn)
-    eaa = os.path.join(models, "likeness", EAA_NAME)
-    if not os.path.exists(eaa):
-        write_standin_eaa(eaa, os.path.join(models, "checkpoints", CHECKPOINT))

@@ -1,13 +1,13 @@
 """Files the shipped PhotoVerse workflows need in a test host.
 
-- models/clip_vision/likeness_standin_vit_l14.safetensors: the full-size random ViT-L/14 stand-in (standins.py), which
-  the host's CLIPVisionLoader accepts; users pick their own ViT-L/14 file.
+- models/clip_vision/clip-vit-large-patch14.safetensors: the full-size random ViT-L/14 stand-in (standins.py),
+  which the host's CLIPVisionLoader accepts.
 - models/likeness/photoverse_sd15.safetensors: a PhotoVerse adapter with random weights, real shapes (1024-wide
   mappers, rank-8 LoRA, visual K/V) for the stand-in checkpoint and a ViT-L/14. No trained PhotoVerse weights
   exist; the trainer (issue 7) writes a real one under the same format.
-"""
-import os
 
+Both are placed by standins.py under the names the shipped workflows use.
+"""
 import standins
 
 ADAPTER_NAME = "photoverse_sd15.safetensors"
@@ -22,9 +22,3 @@ def write_standin_photoverse(path: str, checkpoint_path: str, seed: int = 31) ->
     model = comfy.sd.load_checkpoint_guess_config(checkpoint_path, output_vae=False, output_clip=False)[0]
     return write_random_photoverse(path, model, VIT_L14, seed=seed, scale=0.5)
 
-
-def prepare(base_dir: str, comfy_dir: str):
-    standins.ensure_clip_vision(base_dir, comfy_dir)
-    path = os.path.join(base_dir, "models", "likeness", ADAPTER_NAME)
-    if not os.path.exists(path):
-        write_standin_photoverse(path, os.path.join(base_dir, "models", "checkpoints", CHECKPOINT))

@@ -1,17 +1,11 @@
-"""Files the PromptNet workflow needs: a random PromptNet for the stand-in checkpoint and the stand-in CLIP vision."""
-import os
+"""Stand-in for the ProFusion workflow's PromptNet: random weights on the SD2 stand-in checkpoint's UNet layout
+(cross-attention 1024) with ViT-H/14 tokens (1280 wide), under the public name the workflow uses (standins.py)."""
+SHRINK = {}
 
-NAME = "likeness_test_promptnet_sd15.safetensors"
 
-
-def prepare(base_dir, comfy_dir):
+def write_standin_promptnet_sd2(path: str, seed: int = 0) -> str:
     from comfyui_likeness.weights.promptnet_file import save_promptnet
-    import standins
     from fixtures_promptnet import random_standin_promptnet
 
-    standins.ensure_clip_vision(base_dir, comfy_dir)
-    path = os.path.join(base_dir, "models", "likeness", NAME)
-    if os.path.exists(path):
-        return
-    net = random_standin_promptnet()
-    save_promptnet(path, net, base_model="SD1.x (test stand-in)")
+    save_promptnet(path, random_standin_promptnet(seed, family="sd2"), base_model="SD2.x (test stand-in)")
+    return path

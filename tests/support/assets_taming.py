@@ -1,6 +1,6 @@
 """Files the shipped Taming Encoder workflows need in a test host.
 
-- models/clip_vision/likeness_standin_vit_l14.safetensors: the random ViT-L/14 stand-in (standins.py), which the
+- models/clip_vision/clip-vit-large-patch14.safetensors: the random ViT-L/14 stand-in (standins.py), which the
   host's CLIPVisionLoader accepts.
 - models/likeness/taming_encoder_sd15_vitl14.safetensors: a Taming Encoder file with random weights for the
   stand-in checkpoint and ViT-L/14 features (16 object tokens, resampler depth 2). Not a trained adapter: no
@@ -50,11 +50,9 @@ def write_standin_taming(path: str, checkpoint_path: str, seed: int = 31, vision
 
 
 def prepare(base_dir: str, comfy_dir: str):
-
+    """The painted pet photo; the model files come from standins.py (also placed here for the Taming tests)."""
     standins.ensure_clip_vision(base_dir, comfy_dir)
+    standins.ensure(base_dir, comfy_dir, ADAPTER_NAME)
     pet = os.path.join(base_dir, "input", PET_IMAGE)
     if not os.path.exists(pet):
         write_pet_image(pet)
-    adapter = os.path.join(base_dir, "models", "likeness", ADAPTER_NAME)
-    if not os.path.exists(adapter):
-        write_standin_taming(adapter, os.path.join(base_dir, "models", "checkpoints", CHECKPOINT))

@@ -1,0 +1,186 @@
+"""The real ComfyUI frontend in headless Chromium (Debian's /usr/bin/chromium driven by playwright from PyPI; no
+browser download), for the browser tests of the shipped workflows.
+
+FrontendPage opens the server's page, loads a template through the template browser as a user does, and reads
+back what the frontend made of it: node sizes as drawn, widget values, graphToPrompt(), dialogs, console errors.
+The checks (overlaps, cut-off text, the saved view) are functions of that state, so a test can also run them on a
+deliberately broken graph and see them fail.
+"""
+import os
+import shutil
+import time
+
+CHROMIUM = os.environ.get("LIKENESS_CHROMIUM", "/usr/bin/chromium")
+READY_JS = "() => window.app && app.graph && app.canvas && LiteGraph.registered_node_types['LikenessPrompt']"
+
+# What the frontend reports about the loaded graph. Widget text widths are measured with the canvas's own font
+# settings, as the widgets draw them (label + gap + value against the node width less the widget's padding).
+STATE_JS = """async () => {
+  const g = app.graph, c = app.canvas, ctx = c.canvas.getContext('2d');
+  const measure = (t, font) => { const f = ctx.font; ctx.font = font; const w = ctx.measureText(String(t)).width; ctx.font = f; return w; };
+  const widgetFont = `${LiteGraph.NODE_SUBTEXT_SIZE}px ${LiteGraph.NODE_FONT}`;
+  const padding = {combo: 85, number: 85, text: 60};
+  const nodes = g.nodes.map(n => {
+    const widgets = (n.widgets || []).map(w => {
+      const shown = w._displayValue !== undefined ? w._displayValue : w.value;
+      const label = w.displayName || w.label || w.name;
+      let cut = false;
+      if (padding[w.type] !== undefined && !w.computedDisabled && shown !== undefined && shown !== null)
+        cut = measure(label, widgetFont) + 5 + measure(shown, widgetFont) > n.size[0] - padding[w.type];
+      const el = w.element || w.inputEl;
+      const overflow = el ? el.scrollHeight > el.clientHeight + 2 : false;
+      return {name: w.name, type: w.type, value: (w.value !== null && typeof w.value === 'object') ? String(w.value) : w.value,
+              serialize: w.serialize !== false && (!w.options || w.options.serialize !== false), cut, overflow,
+              inlist: w.type === 'combo' && w.options && Array.isArray(w.options.values) ? w.options.values.includes(w.value) : null};
+    });
+    return {id: Number(n.id), type: n.type, title: n.title, registered: !!LiteGraph.registered_node_types[n.type],
+            has_errors: !!n.has_errors, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
+            title_cut: measure(n.title, `${LiteGraph.NODE_TEXT_SIZE}px ${LiteGraph.NODE_FONT}`) + 40 > n.size[0], widgets};
+  });
+  const ser = g.serialize();
+  let prompt = null, prompt_error = null;
+  try { prompt = (await app.graphToPrompt()).output; } catch (e) { prompt_error = String(e); }
+  const rect = c.canvas.getBoundingClientRect();
+  const ds = c.ds;
+  const toScreen = (x, y) => [(x + ds.offset[0]) * ds.scale + rect.left, (y + ds.offset[1]) * ds.scale + rect.top];
+  // A node is in view when the canvas itself is what the page shows at its corners and centre (no top bar,
+  // side bar, toolbar or minimap over it, and inside the window).
+  const hidden = g.nodes.map(n => {
+    const [a, b] = toScreen(n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT), [e, f] = toScreen(n.pos[0] + n.size[0], n.pos[1] + n.size[1]);
+    const pts = [[a + 2, b + 2], [e - 2, b + 2], [a + 2, f - 2], [e - 2, f - 2], [(a + e) / 2, (b + f) / 2]];
+    return pts.filter(([x, y]) => document.elementFromPoint(x, y) !== c.canvas).map(([x, y]) => [Math.round(x), Math.round(y)]);
+  });
+  return {nodes, title_h: LiteGraph.NODE_TITLE_HEIGHT, prompt, prompt_error,
+          serialized: ser.nodes.map(n => ({id: Number(n.id), widgets_values: n.widgets_values || []})),
+          groups: g.groups.map(gr => ({title: gr.title, bounding: [...gr._bounding]})),
+          hidden,
+          dialogs: [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 400))};
+}"""
+
+
+def browser_available() -> str | None:
+    """None when the browser test can run here, else why not."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (bash scripts/setup_browser.sh)"
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (bash scripts/setup_browser.sh)"
+    return None
+
+
+class FrontendPage:
+    def __init__(self, url: str, viewport=(1920, 1080)):
+        self.url, self.viewport = url, viewport
+        self.console = []
+
+    def __enter__(self):
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                args=["--no-sandbox", "--disable-gpu"])
+        self.page = self.browser.new_context(viewport={"width": self.viewport[0], "height": self.viewport[1]}).new_page()
+        self.page.on("console", lambda m: self.console.append(("console." + m.type, m.text[:500]))
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e)[:500])))
+        self.page.on("response", lambda r: self.console.append((f"http {r.status}", r.url)) if r.status >= 400 else None)
+        self.page.goto(self.url)
+        self.page.wait_for_function(READY_JS, timeout=120000)
+        time.sleep(1.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.browser.close()
+        self._pw.stop()
+
+    def open_template(self, module: str, name: str, node_count: int):
+        """Open a template from the template browser: Templates, the pack's category, the card."""
+        pg = self.page
+        card = pg.locator(f'[data-testid="template-workflow-{name}"]')
+        if not card.count():
+            category = pg.get_by_text(module, exact=True)
+            if not category.count():
+                pg.get_by_role("button", name="Templates").first.click()
+                category.first.wait_for(timeout=20000)
+            category.first.click()
+            card.first.wait_for(timeout=20000)
+        card.first.click()
+        pg.wait_for_function(f"() => app.graph.nodes.length === {node_count} && "
+                             "!document.querySelector('[data-testid^=\"template-workflow-\"]')", timeout=30000)
+        self.settle()
+
+    def load_graph(self, ui: dict, name: str = "check"):
+        self.page.evaluate("([w, n]) => app.loadGraphData(w, true, true, n)", [ui, name])
+        self.settle()
+
+    def settle(self):
+        """Let images load and the DOM widgets lay out (two animation frames after the network is quiet)."""
+        self.page.wait_for_load_state("networkidle")
+        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        time.sleep(0.8)
+
+    def state(self) -> dict:
+        return self.page.evaluate(STATE_JS)
+
+    def screenshot(self, path: str):
+        self.page.screenshot(path=path)
+
+    def template_names(self) -> list[str]:
+        return self.page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
+
+
+# --- checks on a state ---------------------------------------------------------------------------------------
+def overlaps(state: dict) -> list:
+    th = state["title_h"]
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - th, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in state["nodes"]]
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if min(a[3], b[3]) - max(a[1], b[1]) > 0 and min(a[4], b[4]) - max(a[2], b[2]) > 0:
+                out.append((a[0], b[0]))
+    return out
+
+
+def cut_off(state: dict) -> list:
+    """Widgets whose text the frontend truncates, text boxes that scroll, titles wider than their node."""
+    out = [(n["id"], n["type"], w["name"], "cut" if w["cut"] else "overflows")
+           for n in state["nodes"] for w in n["widgets"] if w["cut"] or w["overflow"]]
+    return out + [(n["id"], n["type"], "title", "cut") for n in state["nodes"] if n["title_cut"]]
+
+
+def outside_view(state: dict) -> list:
+    """Nodes the saved view does not show whole: outside the window, or under the top bars, side bar, toolbars
+    or minimap."""
+    return [(n["id"], n["type"], pts) for n, pts in zip(state["nodes"], state["hidden"]) if pts]
+
+
+def grown(state: dict, ui: dict) -> list:
+    """Nodes the frontend drew larger than the file says: the generator under-estimated their size."""
+    saved = {n["id"]: n["size"] for n in ui["nodes"]}
+    return [(n["id"], n["type"], saved.get(n["id"]), [round(v) for v in n["size"]]) for n in state["nodes"]
+            if n["id"] in saved and (n["size"][0] > saved[n["id"]][0] + 0.5 or n["size"][1] > saved[n["id"]][1] + 0.5)]
+
+
+def widget_mismatches(state: dict, ui: dict) -> list:
+    """Widget values the frontend holds (serialized) that differ from the file's widgets_values."""
+    live = {n["id"]: n["widgets_values"] for n in state["serialized"]}
+    out = []
+    for node in ui["nodes"]:
+        if list(live.get(node["id"], [])) != list(node.get("widgets_values", [])):
+            out.append((node["id"], node["type"], node.get("widgets_values"), live.get(node["id"])))
+    return out
+
+
+def unknown_or_errored(state: dict) -> list:
+    return [(n["id"], n["type"]) for n in state["nodes"] if not n["registered"] or n["has_errors"]]
+
+
+# Console lines that are the frontend's or the host's, not the pack's: the machines are offline (the frontend
+# calls out to comfy.org and fonts), core template cards without thumbnails, and a start-up TypeError of 1.32.9.
+NOISE = ("ERR_NAME_NOT_RESOLVED", "ERR_INTERNET_DISCONNECTED", "ERR_CONNECTION_REFUSED", "/templates/", "net::ERR_")
+
+
+def pack_console_errors(lines: list) -> list:
+    return [line for line in lines if not any(n in line[1] for n in NOISE)]
