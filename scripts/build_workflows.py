@@ -97,8 +97,12 @@ def build(info: dict) -> dict:
 
 
 def docs_section() -> str:
-    """The per-workflow part of docs/workflows.md: what each needs and where it goes."""
-    parts = []
+    """The generated part of docs/workflows.md: every model file, then what each workflow needs and where it goes."""
+    parts = ["| file | folder (under `ComfyUI/models/`) | what it is |", "|---|---|---|"]
+    for m in model_files.FILES:
+        where = f"[download]({m.url})" if m.url else "no download: see the Note in the graph"
+        parts.append(f"| `{m.name}` | `{m.directory}/` | {m.what}; {where} |")
+    parts.append("\n## The shipped workflows\n")
     for name in api_names():
         about = load_about(name)
         prompt = json.load(open(os.path.join(API_DIR, name + ".json")))

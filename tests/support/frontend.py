@@ -6,6 +6,7 @@ back what the frontend made of it: node sizes as drawn, widget values, graphToPr
 The checks (overlaps, cut-off text, the saved view) are functions of that state, so a test can also run them on a
 deliberately broken graph and see them fail.
 """
+import json
 import os
 import shutil
 import time
@@ -126,8 +127,43 @@ class FrontendPage:
     def screenshot(self, path: str):
         self.page.screenshot(path=path)
 
-    def template_names(self) -> list[str]:
-        return self.page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
+    def close_dialogs(self):
+        for _ in range(3):
+            if not self.page.locator(".p-dialog:visible").count():
+                return
+            self.page.keyboard.press("Escape")
+            time.sleep(0.3)
+
+    def set_widgets(self, changes: dict) -> list:
+        """changes: {(node type, widget name): value}, set as a user does (value, then the widget's callback)."""
+        return self.page.evaluate("""(changes) => { const done = [];
+          for (const n of app.graph.nodes) for (const w of (n.widgets || [])) {
+            const key = n.type + '|' + w.name;
+            if (key in changes && w.value !== changes[key]) {
+              w.value = changes[key]; if (w.callback) w.callback(w.value, app.canvas, n); done.push(key); } }
+          app.graph.setDirtyCanvas(true, true); return done; }""", {f"{t}|{w}": v for (t, w), v in changes.items()})
+
+    def run_from_ui(self, timeout: float = 300.0) -> dict:
+        """Click Run and wait for the prompt to finish; returns the execution events and the images the output
+        nodes show."""
+        pg = self.page
+        pg.evaluate("""() => { window.__likeness_events = [];
+          for (const k of ['execution_start', 'executed', 'execution_error', 'execution_success'])
+            app.api.addEventListener(k, e => window.__likeness_events.push([k, JSON.stringify(e.detail || null).slice(0, 500)])); }""")
+        pg.get_by_role("button", name="Run").first.click()
+        deadline = time.time() + timeout
+        events = []
+        while time.time() < deadline:
+            events = pg.evaluate("() => window.__likeness_events")
+            if any(k in ("execution_success", "execution_error") for k, _ in events):
+                break
+            time.sleep(0.5)
+        if any(k == "execution_success" for k, _ in events):
+            pg.wait_for_function("() => app.graph.nodes.filter(n => n.type === 'SaveImage')"
+                                 ".every(n => (n.imgs || []).length && n.imgs[0].complete)", timeout=30000)
+        images = pg.evaluate("""() => app.graph.nodes.filter(n => n.type === 'SaveImage').map(n =>
+            (n.imgs || []).map(i => ({src: i.src, width: i.naturalWidth, height: i.naturalHeight})))""")
+        return {"events": events, "images": images}
 
 
 # --- checks on a state ---------------------------------------------------------------------------------------
@@ -177,10 +213,52 @@ def unknown_or_errored(state: dict) -> list:
     return [(n["id"], n["type"]) for n in state["nodes"] if not n["registered"] or n["has_errors"]]
 
 
-# Console lines that are the frontend's or the host's, not the pack's: the machines are offline (the frontend
-# calls out to comfy.org and fonts), core template cards without thumbnails, and a start-up TypeError of 1.32.9.
-NOISE = ("ERR_NAME_NOT_RESOLVED", "ERR_INTERNET_DISCONNECTED", "ERR_CONNECTION_REFUSED", "/templates/", "net::ERR_")
+# Console lines that are not the pack's: the machines are offline (the frontend calls out to comfy.org, and the
+# missing-model dialog asks Hugging Face for file sizes), and a failed load is judged by its URL below.
+NOISE = ("ERR_NAME_NOT_RESOLVED", "ERR_INTERNET_DISCONNECTED", "net::ERR_", "Error fetching file size",
+         "Failed to load resource")
+# Local URLs that answer 404 on any fresh host (user settings files that do not exist yet).
+HOST_404 = ("/api/userdata/", "/user.css")
 
 
-def pack_console_errors(lines: list) -> list:
-    return [line for line in lines if not any(n in line[1] for n in NOISE)]
+def pack_console_errors(lines: list, origin: str) -> list:
+    out = []
+    for kind, text in lines:
+        if kind.startswith("http"):
+            if text.startswith(origin) and not any(h in text for h in HOST_404):
+                out.append((kind, text))
+        elif not any(n in text for n in NOISE):
+            out.append((kind, text))
+    return out
+
+
+def problems(state: dict, ui: dict, api: dict, console: list, origin: str) -> dict:
+    """Everything the browser test refuses, by check; an empty dict is a clean load."""
+    from workflow_tools import canonical
+
+    def strip(prompt):
+        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+    found = {
+        "dialogs (missing nodes or models)": state["dialogs"],
+        "unknown or errored nodes": unknown_or_errored(state),
+        "widget values differ from the file": widget_mismatches(state, ui),
+        "overlapping nodes at the drawn sizes": overlaps(state),
+        "nodes the frontend drew larger than saved": grown(state, ui),
+        "cut-off text": cut_off(state),
+        "nodes outside the saved view": outside_view(state),
+        "console errors": pack_console_errors(console, origin),
+    }
+    if state["prompt"] is None:
+        found["graphToPrompt failed"] = [state["prompt_error"]]
+    elif canonical(strip(state["prompt"])) != canonical(strip(api)):
+        found["graphToPrompt differs from the API twin"] = [_prompt_diff(strip(state["prompt"]), strip(api))]
+    return {k: v for k, v in found.items() if v}
+
+
+def _prompt_diff(got: dict, want: dict) -> str:
+    def key(p):
+        return sorted(json.dumps([n["class_type"], {k: v for k, v in n["inputs"].items() if not isinstance(v, list)}],
+                                 sort_keys=True) for n in p.values())
+    a, b = key(got), key(want)
+    return f"only in the page: {[x for x in a if x not in b][:3]}; only in the API file: {[x for x in b if x not in a][:3]}"
