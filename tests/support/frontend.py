@@ -44,12 +44,13 @@ STATE_JS = """async () => {
   const rect = c.canvas.getBoundingClientRect();
   const ds = c.ds;
   const toScreen = (x, y) => [(x + ds.offset[0]) * ds.scale + rect.left, (y + ds.offset[1]) * ds.scale + rect.top];
-  // A node is in view when the canvas itself is what the page shows at its corners and centre (no top bar,
-  // side bar, toolbar or minimap over it, and inside the window).
+  // A node is in view when the canvas (or one of its nodes' text boxes) is what the page shows at its corners and
+  // centre: no top bar, side bar, toolbar or minimap over it, and inside the window.
   const hidden = g.nodes.map(n => {
     const [a, b] = toScreen(n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT), [e, f] = toScreen(n.pos[0] + n.size[0], n.pos[1] + n.size[1]);
     const pts = [[a + 2, b + 2], [e - 2, b + 2], [a + 2, f - 2], [e - 2, f - 2], [(a + e) / 2, (b + f) / 2]];
-    return pts.filter(([x, y]) => document.elementFromPoint(x, y) !== c.canvas).map(([x, y]) => [Math.round(x), Math.round(y)]);
+    const shown = (el) => el === c.canvas || (el && el.closest('.dom-widget'));  // text boxes float over the canvas
+    return pts.filter(([x, y]) => !shown(document.elementFromPoint(x, y))).map(([x, y]) => [Math.round(x), Math.round(y)]);
   });
   return {nodes, title_h: LiteGraph.NODE_TITLE_HEIGHT, prompt, prompt_error,
           serialized: ser.nodes.map(n => ({id: Number(n.id), widgets_values: n.widgets_values || []})),
@@ -80,14 +81,15 @@ class FrontendPage:
 
         self._pw = sync_playwright().start()
         self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                args=["--no-sandbox", "--disable-gpu"])
+                                                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         self.page = self.browser.new_context(viewport={"width": self.viewport[0], "height": self.viewport[1]}).new_page()
         self.page.on("console", lambda m: self.console.append(("console." + m.type, m.text[:500]))
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e)[:500])))
         self.page.on("response", lambda r: self.console.append((f"http {r.status}", r.url)) if r.status >= 400 else None)
-        self.page.goto(self.url)
-        self.page.wait_for_function(READY_JS, timeout=120000)
+        self.page.set_default_timeout(60000)  # a busy machine: the frontend's first load can take a minute
+        self.page.goto(self.url, timeout=240000)
+        self.page.wait_for_function(READY_JS, timeout=240000)
         time.sleep(1.5)
         return self
 
@@ -103,12 +105,12 @@ class FrontendPage:
             category = pg.get_by_text(module, exact=True)
             if not category.count():
                 pg.get_by_role("button", name="Templates").first.click()
-                category.first.wait_for(timeout=20000)
+                category.first.wait_for(timeout=60000)
             category.first.click()
-            card.first.wait_for(timeout=20000)
+            card.first.wait_for(timeout=60000)
         card.first.click()
         pg.wait_for_function(f"() => app.graph.nodes.length === {node_count} && "
-                             "!document.querySelector('[data-testid^=\"template-workflow-\"]')", timeout=30000)
+                             "!document.querySelector('[data-testid^=\"template-workflow-\"]')", timeout=60000)
         self.settle()
 
     def load_graph(self, ui: dict, name: str = "check"):
@@ -236,8 +238,13 @@ def problems(state: dict, ui: dict, api: dict, console: list, origin: str) -> di
     """Everything the browser test refuses, by check; an empty dict is a clean load."""
     from workflow_tools import canonical
 
+    def number(v):  # JavaScript has one number type: 1.0 comes back as 1
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
     def strip(prompt):
-        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+        return {k: {"class_type": v["class_type"], "inputs": {i: x if isinstance(x, list) else number(x)
+                                                               for i, x in v["inputs"].items()}}
+                for k, v in prompt.items()}
 
     found = {
         "dialogs (missing nodes or models)": state["dialogs"],

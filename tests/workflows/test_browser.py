@@ -5,7 +5,8 @@ overlap and no cut-off text, the whole graph in the saved view, and no console e
 queued from the UI and its image appears. The checks are shown to fail on deliberately broken copies.
 
 Needs Debian's chromium and playwright (bash scripts/setup_browser.sh; CI runs it). Without them the tests skip
-on a developer machine and fail under CI (CI=true)."""
+on a developer machine and fail under CI (CI=true). LIKENESS_FRONTEND_ROOT=<a frontend's static folder> runs them
+against another frontend build (the server's --front-end-root), e.g. a newer comfyui-frontend-package."""
 import copy
 import os
 import sys
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "")
 def page(workflow_assets, base_dir):
     from comfy_http import ComfyServer
 
-    srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable).start()
+    root = os.environ.get("LIKENESS_FRONTEND_ROOT")
+    srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable,
+                      extra_args=("--front-end-root", root) if root else ()).start()
     try:
         with frontend.FrontendPage(srv.url) as p:
             p.origin = srv.url
@@ -45,14 +48,18 @@ def _open(page, name):
     return ui
 
 
+SHOTS = os.path.join(wt.REPO, "out", "browser")  # screenshots of every template as opened (out/ is not committed)
+
+
 @pytest.mark.parametrize("name", IDS)
-def test_template_opens_clean(page, name, tmp_path):
+def test_template_opens_clean(page, name):
     ui = _open(page, name)
     state = page.state()
+    os.makedirs(SHOTS, exist_ok=True)
+    shot = os.path.join(SHOTS, f"{name}.png")
+    page.screenshot(shot)
     found = frontend.problems(state, ui, wt.load(os.path.join(wt.API_DIR, name + ".json")), page.console, page.origin)
-    if found:
-        page.screenshot(str(tmp_path / f"{name}.png"))
-    assert not found, f"{name} (screenshot {tmp_path}): {found}"
+    assert not found, f"{name} (screenshot {shot}): {found}"
 
 
 def test_a_workflow_queued_from_the_ui_shows_its_image(page):
