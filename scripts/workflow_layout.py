@@ -231,8 +231,8 @@ def _barycentre(n, producers, pos, order):
 
 
 # The saved view: the whole graph inside the part of a 1920x1080 window the frontend leaves free on the canvas
-# (right of the 60 px side bar, below the top bars and the workflow-name and Run toolbars, above the minimap).
-VIEW = (80, 150, 1500, 650)   # x, y, width, height in screen pixels
+# (right of the 60 px side bar, below the top bars and the workflow-name and Run toolbars, left of the minimap).
+VIEW = (70, 140, 1560, 900)   # x, y, width, height in screen pixels
 
 
 def saved_view(bounds) -> dict:
