@@ -1,6 +1,6 @@
 """The PhotoVerse adapter file: text adapter, image adapter, per-block LoRA and visual K/V as safetensors.
 
-Keys (site names as in attention/layout.py, e.g. input_1_0 = ("input", 1, 0)):
+Keys (site names as in core/layout.py, e.g. input_1_0 = ("input", 1, 0)):
     text_adapter.mapping_{i}.{0,1,3,4,6}.{weight,bias}        CLS head of CLIP layer i (ELITE's key layout)
     text_adapter.mapping_patch_{i}.{0,1,3,4,6}.{weight,bias}  patch head of CLIP layer i
     image_adapter.<same>                                      the image adapter

@@ -11,7 +11,7 @@ SD15_OUT_DOWNSCALE = {3: 4, 4: 4, 5: 4, 6: 2, 7: 2, 8: 2, 9: 1, 10: 1, 11: 1}
 
 
 def layout_config(kind: str) -> dict:
-    """unet_config of: 'sd15' (the SD1.5 block layout, narrow), 'micro' (tests/micro.py), 'deep' (3 levels,
+    """unet_config of: 'sd15' (the SD1.5 block layout, narrow), 'micro' (tests/support/micro.py), 'deep' (3 levels,
     transformer depth 2, context 96)."""
     if kind == "micro":
         return m.unet_config()

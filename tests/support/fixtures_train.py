@@ -1,4 +1,4 @@
-"""Shared pieces of the trainer tests: micro base models (tests/micro.py), small image folders written at test
+"""Shared pieces of the trainer tests: micro base models (tests/support/micro.py), small image folders written at test
 time, a one-thread setting for the tests' duration (the micro models are too small to gain from threads and CI
 has two cores), and helpers to run the inference nodes on what a trainer exported."""
 import os
