@@ -8,6 +8,7 @@ Needs Debian's chromium and playwright (bash scripts/setup_browser.sh; CI runs i
 on a developer machine and fail under CI (CI=true). LIKENESS_FRONTEND_ROOT=<a frontend's static folder> runs them
 against another frontend build (the server's --front-end-root), e.g. a newer comfyui-frontend-package."""
 import copy
+import logging
 import os
 import sys
 
@@ -100,4 +101,5 @@ def test_the_checks_fail_on_a_broken_copy(page, broken):
     page.load_graph(copy_ui, "broken copy")
     found = frontend.problems(page.state(), copy_ui, api, page.console, page.origin)
     page.close_dialogs()
+    logging.getLogger("likeness.tests.browser").info("broken copy (%s): %s", broken, found)
     assert broken in found, found
