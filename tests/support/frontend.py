@@ -80,9 +80,15 @@ class FrontendPage:
         from playwright.sync_api import sync_playwright
 
         self._pw = sync_playwright().start()
+        self._launch()
+        return self
+
+    def _launch(self):
         self.browser = self._pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        self.crashed = False
         self.page = self.browser.new_context(viewport={"width": self.viewport[0], "height": self.viewport[1]}).new_page()
+        self.page.on("crash", lambda _: setattr(self, "crashed", True))
         self.page.on("console", lambda m: self.console.append(("console." + m.type, m.text[:500]))
                      if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e)[:500])))
@@ -91,7 +97,15 @@ class FrontendPage:
         self.page.goto(self.url, timeout=240000)
         self.page.wait_for_function(READY_JS, timeout=240000)
         time.sleep(1.5)
-        return self
+
+    def recover(self):
+        """A fresh browser when the last one crashed (on a shared machine the kernel's OOM killer may end it)."""
+        if self.crashed or not self.browser.is_connected():
+            try:
+                self.browser.close()
+            except Exception:  # noqa: BLE001  the crashed browser may be gone already
+                pass
+            self._launch()
 
     def __exit__(self, *exc):
         self.browser.close()
