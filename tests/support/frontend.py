@@ -94,8 +94,8 @@ class FrontendPage:
         self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e)[:500])))
         self.page.on("response", lambda r: self.console.append((f"http {r.status}", r.url)) if r.status >= 400 else None)
         self.page.set_default_timeout(60000)  # a busy machine: the frontend's first load can take a minute
-        self.page.goto(self.url, timeout=240000)
-        self.page.wait_for_function(READY_JS, timeout=240000)
+        self.page.goto(self.url, wait_until="commit", timeout=240000)
+        self.page.wait_for_function(READY_JS, timeout=600000)
         time.sleep(1.5)
 
     def recover(self):
