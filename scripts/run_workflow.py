@@ -1,11 +1,14 @@
 """Run a shipped API workflow headless on a real ComfyUI server (127.0.0.1) and write its images.
 
-    .host/venv/bin/python scripts/run_workflow.py workflows/api/fusion_ksampler_text_concept.json \
-        [--checkpoint /path/to/your_sd15.safetensors] [--out out/] [--steps N] [--size 512]
+    .host/venv/bin/python scripts/run_workflow.py example_workflows/api/fusion_ksampler_text_concept.json \
+        [--checkpoint /path/to/your_sd15.safetensors] [--models /path/to/ComfyUI/models] [--out out/] \
+        [--steps N] [--size 512]
 
-With --checkpoint (or LIKENESS_CHECKPOINT) the workflow runs on your model; otherwise on a small stand-in SD1.5
-checkpoint with random weights that is generated on the spot (its images are noise: it proves the pipeline,
-not the method). The server gets its own base directory, so your ComfyUI folders are not touched.
+With --checkpoint (or LIKENESS_CHECKPOINT) the workflow runs on your model; --models links the folders of your
+ComfyUI models directory (checkpoints, clip_vision, likeness, insightface, ...) for the other files a workflow
+names (docs/workflows.md lists them). With neither, the checkpoint the workflow names is replaced by a small
+stand-in of the same family with random weights, generated on the spot (its images are noise: it proves the
+pipeline, not the method). The server gets its own base directory, so your ComfyUI folders are not touched.
 """
 import argparse
 import json
@@ -20,10 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from comfy_http import ComfyServer  # noqa: E402
+import model_files  # noqa: E402
 from standin_checkpoint import build_standin_checkpoint  # noqa: E402
 
 log = logging.getLogger("likeness.run")
-STANDIN = "likeness_standin_sd15.safetensors"
 
 
 def comfy_dir() -> str:
@@ -36,10 +39,16 @@ def comfy_dir() -> str:
     return path
 
 
-def prepare_prompt(prompt: dict, ckpt_name: str, steps: int | None, size: int | None) -> dict:
+def _checkpoint_names(prompt: dict) -> list[str]:
+    return list(dict.fromkeys(n["inputs"]["ckpt_name"] for n in prompt.values()
+                              if n["class_type"] == "CheckpointLoaderSimple" and isinstance(n["inputs"].get("ckpt_name"), str)))
+
+
+def prepare_prompt(prompt: dict, ckpt_name: str | None, steps: int | None, size: int | None) -> dict:
+    """ckpt_name: the user's checkpoint for every checkpoint loader (None keeps the workflow's names)."""
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
+        if ckpt_name and node["class_type"] == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = ckpt_name
         if steps and isinstance(inputs.get("steps"), int):
             inputs["steps"] = steps
@@ -50,8 +59,9 @@ def prepare_prompt(prompt: dict, ckpt_name: str, steps: int | None, size: int | 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workflow", help="an API-format workflow (workflows/api/*.json)")
-    ap.add_argument("--checkpoint", default=os.environ.get("LIKENESS_CHECKPOINT"), help="your SD1.5/SD2 checkpoint")
+    ap.add_argument("workflow", help="an API-format workflow (example_workflows/api/*.json)")
+    ap.add_argument("--checkpoint", default=os.environ.get("LIKENESS_CHECKPOINT"), help="your checkpoint file")
+    ap.add_argument("--models", help="your ComfyUI models folder: its sub-folders are linked for the other files")
     ap.add_argument("--out", default=os.path.join(REPO, "out"), help="folder for the images")
     ap.add_argument("--steps", type=int, help="override every 'steps' input")
     ap.add_argument("--size", type=int, help="override the image size (width = height)")
@@ -64,21 +74,32 @@ def main(argv=None):
         prompt = json.load(f)
     base = tempfile.mkdtemp(prefix="likeness_run_")
     try:
-        os.makedirs(os.path.join(base, "models", "checkpoints"))
         os.makedirs(os.path.join(base, "custom_nodes"))
         os.symlink(REPO, os.path.join(base, "custom_nodes", "comfyui_likeness"))
+        models = os.path.join(base, "models")
+        os.makedirs(models)
+        if args.models:
+            for sub in sorted(os.listdir(args.models)):
+                if os.path.isdir(os.path.join(args.models, sub)) and not (sub == "checkpoints" and args.checkpoint):
+                    os.symlink(os.path.abspath(os.path.join(args.models, sub)), os.path.join(models, sub))
+        user_checkpoints = os.path.exists(os.path.join(models, "checkpoints"))
+        os.makedirs(os.path.join(models, "checkpoints"), exist_ok=True)
+        name = None
         if args.checkpoint:
             ckpt = os.path.abspath(args.checkpoint)
             if not os.path.isfile(ckpt):
                 sys.exit(f"checkpoint not found: {ckpt}")
-            os.symlink(ckpt, os.path.join(base, "models", "checkpoints", os.path.basename(ckpt)))
+            os.symlink(ckpt, os.path.join(models, "checkpoints", os.path.basename(ckpt)))
             name = os.path.basename(ckpt)
             log.info("running on your checkpoint %s", ckpt)
-        else:
-            name = STANDIN
-            log.info("NO CHECKPOINT GIVEN: running on a generated stand-in SD1.5 checkpoint with random weights. "
-                     "The image will be noise; pass --checkpoint /path/to/model.safetensors for real pictures.")
-            build_standin_checkpoint(comfy, os.path.join(base, "models", "checkpoints", name))
+        elif not user_checkpoints:
+            wanted = _checkpoint_names(prompt)
+            family = model_files.CATALOG[wanted[0]].family if wanted and wanted[0] in model_files.CATALOG else "sd15"
+            log.info("NO CHECKPOINT GIVEN: running on a generated stand-in %s checkpoint with random weights, under "
+                     "the name the workflow uses. The image will be noise; pass --checkpoint "
+                     "/path/to/model.safetensors for real pictures.", family)
+            for ckpt_name in wanted or ["v1-5-pruned-emaonly-fp16.safetensors"]:
+                build_standin_checkpoint(comfy, os.path.join(models, "checkpoints", ckpt_name), family=family)
             args.size = args.size or 128
             args.steps = args.steps or 8
         _copy_inputs(os.path.join(base, "input"), args.inputs)

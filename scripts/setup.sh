@@ -6,4 +6,4 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 bash "$REPO/scripts/setup_host.sh" 2> >(grep -v "is ignored: it is neither" >&2)
 HOST=${LIKENESS_HOST:-$REPO/.host}
-"$HOST/venv/bin/python" "$REPO/scripts/run_workflow.py" "$REPO/workflows/api/fusion_ksampler_text_concept.json" "$@"
+"$HOST/venv/bin/python" "$REPO/scripts/run_workflow.py" "$REPO/example_workflows/api/fusion_ksampler_text_concept.json" "$@"

@@ -3,9 +3,14 @@
 The API file is the single source of truth of a shipped workflow; the UI file ComfyUI lists as a template is
 generated from it, so the two cannot drift. Node definitions come from /object_info (or the same data built
 in-process): for each input, whether it is a widget (INT, FLOAT, STRING, BOOLEAN, COMBO / list) or a socket,
-and the widget order the frontend expects in widgets_values.
+and the widget order the frontend expects in widgets_values. The layout (sizes, groups, the saved view) is
+workflow_layout.py's; the download metadata and the Notes for model files come from model_files.py; the
+method Note's text from the workflow's sidecar (example_workflows/about/<name>.json).
 """
 import json
+
+import model_files
+import workflow_layout as layout
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -56,6 +61,11 @@ def widget_values(info: dict, inputs: dict) -> list:
     return values
 
 
+NOTE_TYPE = "MarkdownNote"  # a frontend-only node: graphToPrompt leaves it out of the API prompt
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
+METHOD_NOTE_WIDTH = 440
+
+
 def _depths(prompt: dict) -> dict:
     depth = {}
 
@@ -73,29 +83,51 @@ def _depths(prompt: dict) -> dict:
     return depth
 
 
-def api_to_ui(prompt: dict, object_info: dict) -> dict:
+def ui_ids(prompt: dict) -> dict:
+    """API node id -> UI node id (numbered by depth, then API id)."""
+    depth = _depths(prompt)
+    return {nid: i + 1 for i, nid in enumerate(sorted(prompt, key=lambda n: (depth[n], int(n) if n.isdigit() else n)))}
+
+
+def _note(node_id: int, title: str, text: str, role: str) -> dict:
+    """role: "method" (the Note that explains the workflow) or "model file" (where a file comes from)."""
+    return {"id": node_id, "type": NOTE_TYPE, "pos": [0, 0], "size": [0, 0], "flags": {}, "order": node_id - 1,
+            "mode": 0, "inputs": [], "outputs": [], "title": title, "properties": {"likeness_note": role},
+            "widgets_values": [text], **NOTE_COLORS}
+
+
+def api_to_ui(prompt: dict, object_info: dict, about: dict | None = None) -> dict:
+    """The UI workflow of an API prompt. about: the sidecar's words (title, description, note); without it the
+    graph gets no method Note."""
     missing = sorted({n["class_type"] for n in prompt.values()} - set(object_info))
     if missing:
         raise ValueError(f"node types not known to this host: {', '.join(missing)}")
-    depth = _depths(prompt)
-    ids = {nid: i + 1 for i, nid in enumerate(sorted(prompt, key=lambda n: (depth[n], int(n) if n.isdigit() else n)))}
-    links, ui_nodes, row = [], {}, {}
+    ids = ui_ids(prompt)
+    links, ui_nodes, sizes = [], {}, {}
+    files = {}
+    for nid, name, value in model_files.files_named(prompt):
+        files.setdefault(nid, []).append(value)
     for nid in sorted(prompt, key=lambda n: ids[n]):
         node = prompt[nid]
         info = object_info[node["class_type"]]
-        col = depth[nid]
-        r = row.get(col, 0)
-        row[col] = r + 1
+        title = node.get("_meta", {}).get("title") or info.get("display_name") or node["class_type"]
+        rows = [(name, spec) for name, spec in ordered_inputs(info) if is_widget(spec)]
+        sockets = [name for name, spec in ordered_inputs(info) if not is_widget(spec)]
+        sizes[nid] = layout.node_size(info, node["inputs"], title, rows, sockets)
+        properties = {"Node name for S&R": node["class_type"]}
+        public = [model_files.CATALOG[v] for v in files.get(nid, []) if v in model_files.CATALOG
+                  and model_files.CATALOG[v].url]
+        if public:
+            properties["models"] = [model_files.frontend_metadata(m) for m in public]
         ui_nodes[nid] = {
-            "id": ids[nid], "type": node["class_type"], "pos": [40 + 360 * col, 40 + 280 * r], "size": [320, 220],
+            "id": ids[nid], "type": node["class_type"], "pos": [0, 0], "size": [0, 0],
             "flags": {}, "order": ids[nid] - 1, "mode": 0, "inputs": [],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                         for i, (t, n) in enumerate(zip(info["output"], info.get("output_name") or info["output"]))],
-            "properties": {"Node name for S&R": node["class_type"]},
+            "properties": properties,
             "widgets_values": widget_values(info, node["inputs"]),
         }
-        if node.get("_meta", {}).get("title"):
-            ui_nodes[nid]["title"] = node["_meta"]["title"]
+        ui_nodes[nid]["title"] = title
     for nid in sorted(prompt, key=lambda n: ids[n]):
         node = prompt[nid]
         info = object_info[node["class_type"]]
@@ -117,5 +149,37 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             elif not socket:
                 continue
             ui_nodes[nid]["inputs"].append(entry)
-    return {"last_node_id": len(ids), "last_link_id": len(links), "nodes": list(ui_nodes.values()), "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+    # Notes: one for the method, one under each loader of a file without a download link.
+    extra_nodes, attached = {}, {}
+    next_id = len(ids) + 1
+    lead = None
+    if about and about.get("note"):
+        key = "note:method"
+        extra_nodes[key] = _note(next_id, about.get("title", "About this workflow"), about["note"], "method")
+        sizes[key] = layout.note_size(about["note"], METHOD_NOTE_WIDTH)
+        lead = (key, sizes[key])
+        next_id += 1
+    for nid in sorted(files, key=lambda n: ids[n]):
+        for value in files[nid]:
+            model = model_files.CATALOG.get(value)
+            if model is None or model.url:
+                continue
+            key = f"note:{nid}:{value}"
+            text = model_files.note_text(model)
+            extra_nodes[key] = _note(next_id, f"Model file: {value}", text, "model file")
+            sizes[key] = layout.note_size(text, max(360, sizes[nid][0]))
+            attached.setdefault(nid, []).append(key)
+            next_id += 1
+    stage = layout.stages(prompt, object_info, lambda n: n in files)
+    pos, groups, bounds = layout.arrange(prompt, stage, sizes, attached, lead)
+    for key, node in [*ui_nodes.items(), *extra_nodes.items()]:
+        node["pos"], node["size"] = pos[key], list(sizes[key])
+    all_nodes = list(ui_nodes.values()) + list(extra_nodes.values())
+    extra = {"ds": layout.saved_view(bounds)}
+    if about:
+        extra["likeness"] = {k: about[k] for k in ("api_workflow", "description") if k in about}
+    return {"last_node_id": len(all_nodes), "last_link_id": len(links), "nodes": all_nodes, "links": links,
+            "groups": [{"id": i + 1, "title": g["title"], "bounding": g["bounding"], "color": g["color"],
+                        "font_size": 24, "flags": {}} for i, g in enumerate(groups)],
+            "config": {}, "extra": extra, "version": 0.4}

@@ -88,12 +88,19 @@ def micro():
 def workflow_assets(base_dir, checkpoint, input_images):
     """Every file the shipped workflows need, written into the host's folders.
 
-    Each family adds a module tests/assets_<family>.py with prepare(base_dir, comfy_dir) that writes its own
-    test-time models (random adapter files, tiny insightface packs, ...) under base_dir/models or base_dir/input.
+    Model files: a stand-in under each name a shipped API workflow uses (tests/support/standins.py, the one
+    mapping public name -> builder). Other inputs (the painted pet photo, ...): each tests/support/assets_<family>.py
+    may define prepare(base_dir, comfy_dir).
     """
-    import importlib
     import glob
+    import importlib
 
+    import workflow_tools
+
+    for path in workflow_tools.api_workflows():
+        standins.place_for(base_dir, COMFY, workflow_tools.load(path))
     for path in sorted(glob.glob(os.path.join(HERE, "support", "assets_*.py"))):
-        importlib.import_module(os.path.splitext(os.path.basename(path))[0]).prepare(base_dir, COMFY)
+        module = importlib.import_module(os.path.splitext(os.path.basename(path))[0])
+        if hasattr(module, "prepare"):
+            module.prepare(base_dir, COMFY)
     return base_dir

@@ -10,7 +10,7 @@ import host_harness as harness
 from fixtures_faces import tiny_packs  # noqa: F401  (fixture)
 
 NODE_IDS = {"LikenessFaceAnalysisLoader", "LikenessFaceCrop", "LikenessFaceEmbed", "LikenessScore"}
-WORKFLOWS = os.path.join(harness.REPO, "workflows", "api")
+WORKFLOWS = os.path.join(harness.REPO, "example_workflows", "api")
 
 
 def loader(backend="mediapipe", pack="antelopev2", det_thresh=0.5):

@@ -8,11 +8,11 @@ from safetensors.torch import save_file
 import standins
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
-EMBEDDING = "likeness_example_concept_sdxl.safetensors"
+EMBEDDING = "subject_embedding_sdxl.safetensors"
 
 
 def prepare(base_dir, comfy_dir):
-    standins.place_as(base_dir, "checkpoints", standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl"), CHECKPOINT)
+    standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl")
     path = os.path.join(base_dir, "models", "embeddings", EMBEDDING)
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(1)

@@ -3,13 +3,15 @@
 - models/likeness/inv_adapter_eaa_sd15.safetensors: an EAA file with random weights for the stand-in checkpoint,
   built for the reference size the workflow test uses (SHRINK below: 64x64) with s_c = 16, so the token
   aggregation runs (64 -> 16 tokens). A trained EAA (the training issue) takes its place for real use.
-- models/controlnet/control_v11p_sd15_canny.safetensors: a ControlNet with random weights that the host's own
+- models/controlnet/control_v11p_sd15_canny_fp16.safetensors: a ControlNet with random weights that the host's own
   ControlNetLoader accepts for the stand-in checkpoint. The stand-in UNet has one level and no middle block; the
   host builds a ControlNet from the config it detects in the ControlNet's own state dict, so this one mirrors the
   stand-in's input blocks (320 channels, one level, one res block + transformer) and has a ResBlock-only middle
   block (transformer_depth_middle -1, detected from 'middle_block.0.in_layers'); the UNet adds the middle
-  residual after its (absent) middle block, where the shapes match. The name is the common SD1.5 canny
-  ControlNet's, so the shipped workflow runs as is for users who have it.
+  residual after its (absent) middle block, where the shapes match. The name is the public fp16 SD1.5
+  canny ControlNet's, so the shipped workflow runs as is for users who have it.
+
+Both are placed by standins.py under the names the shipped workflows use.
 """
 import os
 
@@ -20,7 +22,7 @@ import standins
 EAA_NAME = "inv_adapter_eaa_sd15.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SECOND_PHOTO = "astronaut_2.png"
-CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"
+CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
 CHECKPOINT = standins.CHECKPOINT_NAME
 REFERENCE_SIZE = 64
 

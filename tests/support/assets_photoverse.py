@@ -1,9 +1,7 @@
 """Files the shipped PhotoVerse workflows need in a test host.
 
-- models/clip_vision/likeness_standin_vit_l14.safetensors: the full-size random ViT-L/14 stand-in (standins.py), which
-  the host's CLIPVisionLoader accepts, also placed as clip-vit-large-patch14.safetensors (the public name the
-  photoverse_elite and photoverse_multi_photo workflows use); the SD1.5 stand-in checkpoint also answers to
-  v1-5-pruned-emaonly-fp16.safetensors.
+- models/clip_vision/clip-vit-large-patch14.safetensors: the full-size random ViT-L/14 stand-in (standins.py),
+  which the host's CLIPVisionLoader accepts.
 - models/likeness/photoverse_sd15.safetensors: a PhotoVerse adapter with random weights, real shapes (the paper's
   1024-hidden MLP adapters, rank-8 LoRA, visual K/V) for the stand-in checkpoint and a ViT-L/14. No trained
   PhotoVerse weights exist; the trainer writes a real one under the same format.
@@ -84,8 +82,6 @@ def write_inputs(input_dir: str):
 def prepare(base_dir: str, comfy_dir: str):
     models = os.path.join(base_dir, "models")
     standins.ensure_clip_vision(base_dir, comfy_dir)
-    standins.place_as(base_dir, "clip_vision", standins.CLIP_VISION_NAME, VIT_L)
-    standins.place_as(base_dir, "checkpoints", CHECKPOINT, SD15)
     path = os.path.join(models, "likeness", ADAPTER_NAME)
     if not os.path.exists(path):
         write_standin_photoverse(path, os.path.join(models, "checkpoints", CHECKPOINT))
@@ -93,8 +89,8 @@ def prepare(base_dir: str, comfy_dir: str):
     if not os.path.exists(os.path.join(elite, "local_mapper.pt")):
         write_elite_files(elite, os.path.join(models, "checkpoints", CHECKPOINT))
     write_inputs(os.path.join(base_dir, "input"))
-    standins.place_as(base_dir, "checkpoints", standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl"), SDXL)
-    standins.place_as(base_dir, "clip_vision", standins.ensure_clip_vision(base_dir, comfy_dir, "vith"), VIT_H)
+    standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl")
+    standins.ensure_clip_vision(base_dir, comfy_dir, "vith")
     path = os.path.join(models, "likeness", SDXL_ADAPTER_NAME)
     if not os.path.exists(path):
         write_standin_photoverse(path, os.path.join(models, "checkpoints", SDXL), seed=33, clip_vision=VIT_H14)

@@ -1,6 +1,6 @@
-"""Files the ProFusion workflow needs: a stand-in of ProFusion's own download (its promptnet/ folder: config.json
+"""The ProFusion workflows' PromptNet: a stand-in of ProFusion's own download (its promptnet/ folder: config.json
 and the pickled diffusion_pytorch_model.bin, random weights) under the name the workflow gives, sized to fit the
-checkpoint and CLIP vision the workflow names (read from their stand-in files), and the stand-in CLIP vision."""
+checkpoint and CLIP vision the workflow names (read from their stand-in files); standins.py places it."""
 import json
 import os
 
@@ -30,15 +30,16 @@ def _input(prompt, class_type, name):
     return next(n["inputs"][name] for n in prompt.values() if n["class_type"] == class_type)
 
 
-def prepare(base_dir, comfy_dir):
+def write_standin_official_promptnet(base_dir, comfy_dir, weights):
+    """ProFusion's download in its own layout at `weights`, sized to the checkpoint and CLIP vision stand-ins the
+    ProFusion workflow names (built first if missing)."""
     import standins
     from fixtures_promptnet import DIFFUSERS_CONFIG, DiffusersPromptNet, write_official_promptnet
 
-    standins.ensure_clip_vision(base_dir, comfy_dir)
     prompt = _workflow()
-    weights = os.path.join(base_dir, "models", "likeness", _input(prompt, "LikenessPromptNetLoader", "promptnet_name"))
-    if os.path.exists(weights):
-        return
+    for _, _, name in standins.model_files.files_named(prompt):
+        if name != _input(prompt, "LikenessPromptNetLoader", "promptnet_name"):
+            standins.ensure(base_dir, comfy_dir, name)
     models = os.path.join(base_dir, "models")
     attn = _shape(os.path.join(models, "checkpoints", _input(prompt, "CheckpointLoaderSimple", "ckpt_name")),
                   ("attn2.to_k.weight",))

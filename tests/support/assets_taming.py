@@ -1,10 +1,10 @@
 """Files the shipped Taming Encoder workflows need in a test host.
 
-- models/clip_vision/likeness_standin_vit_l14.safetensors: the random ViT-L/14 stand-in (standins.py), which the
+- models/clip_vision/clip-vit-large-patch14.safetensors: the random ViT-L/14 stand-in (standins.py), which the
   host's CLIPVisionLoader accepts.
 - models/likeness/taming_encoder_sd15_vitl14.safetensors: a Taming Encoder file with random weights for the
   stand-in checkpoint and ViT-L/14 features (16 object tokens, resampler depth 2). Not a trained adapter: no
-  trained Taming Encoder weights exist; the trainer (issue 7) produces the real one.
+  trained Taming Encoder weights exist; the trainer produces the real one.
 - models/checkpoints/sd_xl_base_1.0.safetensors and models/clip_vision/clip_vision_h.safetensors: the SDXL
   checkpoint stand-in (standins.ensure_checkpoint(..., "sdxl")) and the random ViT-H/14 stand-in, under the public
   names the SDXL workflow (taming_sdxl) names.
@@ -58,8 +58,9 @@ def write_standin_taming(path: str, checkpoint_path: str, seed: int = 31, vision
 
 
 def prepare(base_dir: str, comfy_dir: str):
-
+    """The painted pet photo; the model files come from standins.py (also placed here for the Taming tests)."""
     standins.ensure_clip_vision(base_dir, comfy_dir)
+    standins.ensure(base_dir, comfy_dir, ADAPTER_NAME)
     pet = os.path.join(base_dir, "input", PET_IMAGE)
     if not os.path.exists(pet):
         write_pet_image(pet)
@@ -73,8 +74,8 @@ def prepare_sdxl(base_dir: str, comfy_dir: str):
     """The SDXL workflow's files: checkpoint and ViT-H/14 stand-ins under their public names, an SDXL adapter."""
     from comfyui_likeness.encoders.taming_encoder import VisionSpec
 
-    standins.place_as(base_dir, "checkpoints", standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl"), SDXL_CHECKPOINT)
-    standins.place_as(base_dir, "clip_vision", standins.ensure_clip_vision(base_dir, comfy_dir, "vith"), VIT_H)
+    standins.ensure_checkpoint(base_dir, comfy_dir, "sdxl")
+    standins.ensure_clip_vision(base_dir, comfy_dir, "vith")
     adapter = os.path.join(base_dir, "models", "likeness", SDXL_ADAPTER_NAME)
     if not os.path.exists(adapter):
         write_standin_taming(adapter, os.path.join(base_dir, "models", "checkpoints", SDXL_CHECKPOINT), seed=37,

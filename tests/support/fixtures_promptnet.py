@@ -13,18 +13,20 @@ STANDIN_UNET = {"model_channels": 320, "in_channels": 4, "out_channels": 4, "num
                 "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False, "num_heads": 8,
                 "num_head_channels": -1}
 
-# The stand-in SD2.x-base checkpoint's UNet: the same one-level layout at SD2's context width, linear projections.
-STANDIN_SD2_UNET = {**STANDIN_UNET, "context_dim": 1024, "use_linear_in_transformer": True, "num_heads": -1,
+# The SD2.x-base stand-in's UNet (linear transformer in/out, 64-wide heads, cross-attention 1024).
+STANDIN_UNET_SD2 = {**STANDIN_UNET, "context_dim": 1024, "use_linear_in_transformer": True, "num_heads": -1,
                     "num_head_channels": 64}
+STANDIN_SD2_UNET = STANDIN_UNET_SD2
 
 
 def random_standin_promptnet(seed=0, family="sd15"):
     """A PromptNet with random weights on a stand-in checkpoint's layout (latent_size 8 keeps the one-level
-    stand-in's head small: its grid is the whole latent); its CLIP vision is the ViT-L/14-layout stand-in."""
+    stand-in's head small: its grid is the whole latent). family sd15: ViT-L/14 tokens; sd2: ViT-H/14 tokens, as
+    ProFusion's published one."""
     from comfyui_likeness.encoders.promptnet import PromptNet
 
-    config, width = {"sd15": (STANDIN_UNET, 768), "sd2": (STANDIN_SD2_UNET, 1024)}[family]
-    net = PromptNet(config, vision_width=1024, prompt_width=width, latent_size=8, region_channels=32)
+    unet, vision, prompt = (STANDIN_UNET, 1024, 768) if family == "sd15" else (STANDIN_UNET_SD2, 1280, 1024)
+    net = PromptNet(unet, vision_width=vision, prompt_width=prompt, latent_size=8, region_channels=32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, v in net.state_dict().items():

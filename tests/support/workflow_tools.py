@@ -7,7 +7,8 @@ import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-API_DIR = os.path.join(REPO, "workflows", "api")
+FOLDER = os.path.join(REPO, "example_workflows")
+API_DIR = os.path.join(FOLDER, "api")
 
 # Sizes and step counts that keep a shipped (user-sized) workflow under a few seconds on CPU.
 BASE_SHRINK = {
@@ -15,6 +16,7 @@ BASE_SHRINK = {
     ("ImageScale", "width"): 64, ("ImageScale", "height"): 64,
 }
 MAX_STEPS = 3
+FRONTEND_ONLY = {"MarkdownNote", "Note"}  # nodes graphToPrompt leaves out
 
 
 def api_workflows() -> list[str]:
@@ -24,6 +26,22 @@ def api_workflows() -> list[str]:
 def load(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def about(name: str) -> dict:
+    """A workflow's sidecar words (example_workflows/about/<name>.json)."""
+    return load(os.path.join(FOLDER, "about", name + ".json"))
+
+
+def template_of(api_path: str) -> dict:
+    """The generated UI workflow (template) of an API workflow, found by its sidecar's title."""
+    name = os.path.splitext(os.path.basename(api_path))[0]
+    return load(os.path.join(FOLDER, about(name)["title"] + ".json"))
+
+
+def ui_ids(prompt: dict) -> dict:
+    from workflow_convert import ui_ids as ids
+    return ids(prompt)
 
 
 def family_shrink_rules() -> dict:
@@ -58,6 +76,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         info = object_info[node["type"]]
         values = list(node.get("widgets_values", []))
         inputs = {}
