@@ -1,11 +1,13 @@
 PY ?= .host/venv/bin/python
 
-.PHONY: setup test bench workflows
+.PHONY: setup test bench bench-gpu workflows
 setup:
 	bash scripts/setup.sh
 test:
 	bash scripts/test.sh
 bench:
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+bench-gpu:
+	bash bench/gpu.sh
 workflows:
 	$(PY) scripts/build_workflows.py

@@ -117,7 +117,7 @@ def missing_pack_message(name: str, roots, empty_folders=()) -> str:
                  f"{where[0]} (for example {os.path.join(where[0], example)}).")
     if files:
         lines.append(f"That pack holds: {', '.join(files)}.")
-    lines.append(f"Careful: the antelopev2 zip contains a folder named antelopev2; unzipping it inside "
+    lines.append("Careful: the antelopev2 zip contains a folder named antelopev2; unzipping it inside "
                  f"models/insightface/models/antelopev2 puts the files one level too deep (antelopev2/antelopev2/*.onnx).")
     lines.append("This pack never downloads models. Without insightface models, choose the 'mediapipe' or 'opencv' "
                  "backend (no download; no identity embeddings).")

@@ -1,6 +1,7 @@
 """PhotoVerse nodes: load an adapter (or ELITE's published weights), encode face photos into a concept, apply the
 adapter to a model, save/load concepts. The words of the concept go into the prompt through Likeness Prompt."""
 import logging
+import os
 
 import folder_paths
 from comfy_api.latest import io

@@ -7,7 +7,6 @@ the host's own checkpoint saver uses. The VAE is a TAESD-shaped autoencoder, whi
 by its keys. Weights are random but deterministic; the images they make are noise-like. They exist so workflows
 and tests run with no download. Usage: python standin_checkpoint.py COMFYUI_DIR OUT_FILE [sd15|sd2|sdxl]
 """
-import json
 import os
 import sys
 

@@ -1,0 +1,154 @@
+"""Fusion Sampling, PhotoVerse Apply and Taming Encoder Apply on the full architectures, against the host's KSampler
+on the same model, in one process (Inv-Adapter and PromptNet have their own full-size benches: bench_inv_adapter.py
+sd15|sdxl, bench_promptnet.py full_size).
+
+Families (arguments, default sd15): sd15 (the 859.5 M SD1.5 UNet at 512 x 512), sdxl (the 2.57 B SDXL UNet at
+1024 x 1024; on a CPU set LIKENESS_BENCH_SIZE to measure it smaller), sd2_768. Random weights of the real
+configurations (bench/full_models.py); random adapters with the real shapes; conditioning with the family's real
+widths (SDXL: pooled output and size keys).
+Modes, each one KSampler-like run of `steps` steps, euler / ddim_uniform, CFG 7:
+  host          KSampler on the plain model
+  fusion_m0     KSampler (Fusion), m = 0 (refinement only)                    target <= 1.6x (3 conditions vs 2)
+  fusion_m1     KSampler (Fusion), m = 1 with refinement                      target <= 2.6x (5 conditions vs 2)
+  photoverse    PhotoVerse Apply (alpha 1, gamma_T 1, sigma_V 1, 5 visual tokens) + KSampler   target <= 1.10x
+  taming        Taming Encoder Apply (16 object tokens) + KSampler             target <= 1.10x
+Reported per mode: median and range of the time and of its ratio to host in the same round, UNet rows per step,
+added time per UNet row over host, peak memory above the loaded model. A missed target is written in the result.
+Device: CUDA in fp16 when present, else the CPU in fp32 (LIKENESS_BENCH_DEVICE, LIKENESS_BENCH_DTYPE). Knobs:
+LIKENESS_BENCH_STEPS (CPU default 2), LIKENESS_BENCH_ROUNDS (3), LIKENESS_BENCH_SIZE, LIKENESS_BENCH_THREADS (1).
+Run: .host/venv/bin/python bench/bench_full.py [sd15] [sdxl]  -> bench/results/full_<family>.json
+"""
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import Clock, EvalCounter, PeakMemory, alternate, boot_host, threads, write_result
+
+CFG, SEED = 7.0, 1
+TARGETS = {"fusion_m0": 1.6, "fusion_m1": 2.6, "photoverse": 1.10, "taming": 1.10}
+VISION = {"sd15": (1024, 24), "sd2_768": (1280, 32), "sdxl": (1280, 32)}   # the CLIP tower each family's adapters use
+
+
+def say(msg):
+    print(f"[bench_full {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def photoverse_model(model, family):
+    """PhotoVerse Apply's model with a random adapter of the real shapes (the paper's MLPs, rank-8 LoRA, K^S/V^S)."""
+    from comfyui_likeness.attention.photoverse import apply_photoverse
+    from comfyui_likeness.concepts.photoverse_concept import make_concept
+    from comfyui_likeness.weights.photoverse import load_photoverse, write_random_photoverse
+
+    width, layers = VISION[family]
+    text_widths = [768, 1280] if family == "sdxl" else [1024 if family == "sd2_768" else 768]
+    path = os.path.join(tempfile.mkdtemp(), "photoverse_bench.safetensors")
+    write_random_photoverse(path, model, {"width": width, "layers": layers, "image_size": 224, "patch": 14}, seed=1,
+                            scale=0.5, text_widths=text_widths)
+    loaded = load_photoverse(path)
+    g = torch.Generator().manual_seed(0)
+    context = loaded.spec.context_dim
+    concept = make_concept({w: torch.randn(1, 1, w, generator=g) * 0.02 for w in text_widths},
+                           torch.randn(5, context, generator=g), torch.randn(5, context, generator=g), loaded)
+    return apply_photoverse(model, loaded, concept), loaded.spec.parameter_count()
+
+
+def taming_model(model, family):
+    """Taming Encoder Apply's model with a random adapter (16 queries, depth 2) and random CLIP-vision tokens."""
+    from comfyui_likeness.attention.taming import apply_taming_encoder
+    from comfyui_likeness.encoders.taming_encoder import VisionSpec
+    from comfyui_likeness.encoders.taming_object import ObjectEmbedding
+    from comfyui_likeness.weights.taming_file import load_taming, write_random_taming
+
+    width, layers = VISION[family]
+    vision = VisionSpec(hidden_size=width, tokens=257, layers=layers, image_size=224)
+    path = os.path.join(tempfile.mkdtemp(), "taming_bench.safetensors")
+    write_random_taming(path, model, vision, queries=16, depth=2, seed=3, scale=0.5, gate=0.5)
+    features = torch.randn(1, vision.tokens, vision.hidden_size, generator=torch.Generator().manual_seed(0))
+    embedding = ObjectEmbedding(features=features, vision=vision, subject=torch.zeros(1, 64, 64, 3))
+    return apply_taming_encoder(model, load_taming(path), embedding, 1.0)
+
+
+def run_family(family: str) -> dict:
+    import comfy.utils
+    import nodes
+    from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
+    from comfyui_likeness.samplers.sigmas import schedule_sigmas
+    import full_models as fm
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device, dtype = fm.bench_device()
+    size = int(os.environ.get("LIKENESS_BENCH_SIZE", 0)) or fm.native_size(family)
+    steps = int(os.environ.get("LIKENESS_BENCH_STEPS", 0)) or (2 if device.type == "cpu" else 10)
+    rounds = int(os.environ.get("LIKENESS_BENCH_ROUNDS", 0)) or 3
+    say(f"{family}: {size}px, {steps} steps, {rounds} rounds on {device} ({dtype})")
+    counter = EvalCounter()
+    model = fm.full_model(family, dtype=dtype)
+    model.set_model_unet_function_wrapper(counter)
+    cond = lambda seed: fm.random_conditioning(family, seed, size, size)  # noqa: E731
+    neg, concept, fused, context = cond(1), cond(2), cond(3), cond(4)
+    latent = nodes.EmptyLatentImage().generate(size, size, 1)[0]
+    photoverse, photoverse_parameters = photoverse_model(model, family)
+    taming = taming_model(model, family)
+
+    def ksampler(m):
+        return nodes.KSampler().sample(m, SEED, steps, CFG, "euler", "ddim_uniform", concept, neg, latent)
+
+    def fusion(m_steps):
+        return lambda: ksampler_fusion(model, SEED, steps, "euler", "ddim_uniform", neg, fused, concept, context,
+                                       latent, 1.0, 7.0, 7.0, 5.0, m_steps, 1.0, True, 0.0, 1.0)
+
+    fns = {"host": lambda: ksampler(model), "fusion_m0": fusion(0), "fusion_m1": fusion(1),
+           "photoverse": lambda: ksampler(photoverse), "taming": lambda: ksampler(taming)}
+    n_steps = len(schedule_sigmas(model, "ddim_uniform", steps)) - 1
+    rows, peaks = {}, {}
+
+    def observe(mode, r):
+        import contextlib
+
+        @contextlib.contextmanager
+        def watch():
+            start = counter.rows
+            with PeakMemory(device) as p:
+                yield
+            if r == 0:
+                rows[mode] = (counter.rows - start) / n_steps
+                peaks[mode] = p.peak_bytes / 2**20
+        return watch()
+
+    clock = Clock(device)
+    with torch.inference_mode():
+        measured = alternate(fns, "host", rounds, clock, log=say, observe=observe)
+    host = measured["seconds"]["host"]["median"]
+    per_row = {k: (measured["seconds"][k]["median"] - host) / (n_steps * rows[k]) for k in fns if k != "host"}
+    result = {
+        "what": "each mode against the host's KSampler on the same full-size model, alternated in one process",
+        "model": f"full {family} UNet ({fm.parameter_count(model) / 1e6:.1f} M parameters, random weights of the real "
+                 "config, bench/full_models.py)",
+        "adapters": {"photoverse": f"random, real shapes ({photoverse_parameters / 1e6:.1f} M parameters), 5 visual "
+                                   "tokens, LoRA rank 8", "taming": "random, 16 object tokens, resampler depth 2"},
+        "size": f"{size}x{size}", "steps": n_steps, "rounds": rounds, "clock": clock.kind,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "seconds": measured["seconds"], "ratio": measured["ratio"],
+        "unet_rows_per_step": rows, "added_seconds_per_unet_row_over_host": per_row,
+        "peak_MiB_above_start_first_round": peaks, "targets": dict(TARGETS),
+    }
+    result["meets_targets"] = {k: measured["ratio"][k]["median"] <= v for k, v in TARGETS.items()}
+    result["misses"] = [f"{k}: {measured['ratio'][k]['median']:.2f}x > {v}x" for k, v in TARGETS.items()
+                        if not result["meets_targets"][k]]
+    return result
+
+
+def main(families):
+    torch.set_num_threads(threads())
+    boot_host()
+    for family in families:
+        write_result(f"full_{family}", run_family(family))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["sd15"])
