@@ -51,7 +51,7 @@ def import_insightface():
             hint = (" This insightface build was compiled for another numpy major version: reinstall it "
                     "(python -m pip install --force-reinstall --no-deps insightface) or use a wheel built for numpy 2.")
         raise FaceBackendMissing(f"insightface is not installed or cannot load [{type(e).__name__}: {e}].{hint} "
-                                 f"Install it with: {INSTALL_INSIGHTFACE}. Or choose the 'mediapipe' or 'opencv' "
+                                 f"Install it with: {INSTALL_INSIGHTFACE}. Or choose the 'blazeface' or 'opencv' "
                                  "backend, which needs no model download (no identity embeddings).") from e
     return InsightFaceApp, Face, face_align
 

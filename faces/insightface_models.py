@@ -118,8 +118,8 @@ def missing_pack_message(name: str, roots, empty_folders=()) -> str:
     if files:
         lines.append(f"That pack holds: {', '.join(files)}.")
     lines.append("Careful: the antelopev2 zip contains a folder named antelopev2; unzipping it inside "
-                 f"models/insightface/models/antelopev2 puts the files one level too deep (antelopev2/antelopev2/*.onnx).")
-    lines.append("This pack never downloads models. Without insightface models, choose the 'mediapipe' or 'opencv' "
+                 "models/insightface/models/antelopev2 puts the files one level too deep (antelopev2/antelopev2/*.onnx).")
+    lines.append("This pack never downloads models. Without insightface models, choose the 'blazeface' or 'opencv' "
                  "backend (no download; no identity embeddings).")
     lines.append("insightface's pretrained models are licensed for non-commercial research use only.")
     return " ".join(lines)

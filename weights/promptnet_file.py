@@ -14,7 +14,6 @@ restricted (weights-only) loader and converts them on load; scripts/convert_prom
 """
 import logging
 
-
 from ..encoders.promptnet import PromptNet
 from .safetensors_file import WeightFileError, check_tensors, load_file, read_header, register_format, save_file
 
