@@ -4,6 +4,7 @@ Used by the README's main job (scripts/run_workflow.py) and the end-to-end tests
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +45,9 @@ class ComfyServer:
         if not _has_cuda(self.python):
             cmd.append("--cpu")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own process group, so stop() also ends what a prefix (strace) or launcher started under it.
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -58,16 +61,34 @@ class ComfyServer:
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s; log: {self.log_path}")
 
     def stop(self):
-        """Stop the server by its PID."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        """Stop the server by its PID: its process group (the server, and a prefix's tracer with its tracees)."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait()
+            deadline = time.time() + 20
+            while self._group_alive() and time.time() < deadline:   # a tracer exits before its tracee
+                time.sleep(0.1)
+            if self._group_alive():
+                self._signal_group(signal.SIGKILL)
         if getattr(self, "_log", None):
             self._log.close()
+
+    def _signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
     def __enter__(self):
         return self.start()
