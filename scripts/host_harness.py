@@ -72,6 +72,23 @@ class InProcessHost:
         self.execution = execution
         self.executor = execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
 
+    def release_memory(self):
+        """Drop the executor's cached node outputs (the models the last prompts loaded) and give the freed memory
+        back to the system, so a test session that runs many workflows keeps one workflow's models, not all."""
+        import ctypes
+        import gc
+
+        import comfy.model_management
+
+        self.executor.reset()
+        comfy.model_management.unload_all_models()
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
     def validate(self, prompt: dict):
         return self.loop.run_until_complete(self.execution.validate_prompt(str(uuid.uuid4()), copy.deepcopy(prompt), None))
 

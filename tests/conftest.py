@@ -73,9 +73,33 @@ def input_images(base_dir):
     return names
 
 
+_HOSTS = []
+
+
 @pytest.fixture(scope="session")
 def host(base_dir, checkpoint, input_images):
-    return harness.InProcessHost()
+    _HOSTS.append(harness.InProcessHost())
+    return _HOSTS[-1]
+
+
+def release_host_memory():
+    for h in _HOSTS:
+        h.release_memory()
+
+
+@pytest.fixture(scope="session")
+def free_memory():
+    """Call it before starting a server: the in-process host's cached models are freed first."""
+    return release_host_memory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+    """A module's workflows leave their models in the in-process executor's cache; free them before the next
+    module (which may start a server that loads its own copies), so the session's peak memory stays that of one
+    module's models."""
+    yield
+    release_host_memory()
 
 
 @pytest.fixture(scope="session")

@@ -100,7 +100,7 @@ def test_a_missing_pack_says_where_the_files_go_and_never_downloads(faces, tiny_
         load(faces, "likeness_missing")
     msg = str(e.value)
     assert os.path.join(insightface_root(base_dir), "models", "likeness_missing") in msg
-    assert "antelopev2/antelopev2" in msg and "never downloads" in msg and "mediapipe" in msg
+    assert "antelopev2/antelopev2" in msg and "never downloads" in msg and "blazeface" in msg
     with pytest.raises(faces.errors.FaceModelMissing, match="exists but holds no .onnx files"):
         load(faces, "likeness_empty")
     with pytest.raises(ValueError, match="not a pack name"):

@@ -105,9 +105,10 @@ def _node_with_input(prompt, name, adapter=False):
 
 
 @pytest.fixture(scope="module")
-def server(workflow_assets, base_dir):
+def server(workflow_assets, base_dir, free_memory):
     from comfy_http import ComfyServer
 
+    free_memory()
     srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable).start(timeout=600)
     yield srv
     srv.stop()

@@ -51,8 +51,9 @@ def audit_events(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_shipped_workflows_run_with_the_network_cut(workflow_assets, base_dir, tmp_path):
+def test_shipped_workflows_run_with_the_network_cut(workflow_assets, base_dir, tmp_path, free_memory):
     prefix = netns_prefix()
+    free_memory()
     result = tmp_path / "result.json"
     cmd = [*prefix, sys.executable, os.path.join(SUPPORT, "netns_run.py"), base_dir, str(result)]
     skip_strace = strace_or_skip_reason()

@@ -238,13 +238,6 @@ def test_v_prediction_model_trains_and_its_export_changes_the_output(pack, tmp_p
         tr.close()
 
 
-def _sdxl_prompt_support():
-    from comfyui_likeness.train.prompt import TrainablePrompt
-    return hasattr(TrainablePrompt, "encode_with_pooled")
-
-
-@pytest.mark.skipif("not _sdxl_prompt_support()", reason="needs the multi-encoder TrainablePrompt of the SDXL "
-                    "prompt work (train/prompt.py encode_with_pooled), not merged yet")
 def test_sdxl_trains_both_text_adapters_with_the_pooled_size_conditioning(pack, tmp_path, train_lib, base_dir):
     """SDXL: words for clip_l and clip_g, the UNet's `y` from the pooled clip_g output of the prompt with the words
     (so the words get gradients through `y` too), visual tokens at the 160-wide micro SDXL context."""

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "")
 
 
 @pytest.fixture(scope="module")
-def page(workflow_assets, base_dir):
+def page(workflow_assets, base_dir, free_memory):
     from comfy_http import ComfyServer
 
+    free_memory()
     root = os.environ.get("LIKENESS_FRONTEND_ROOT")
     srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable,
                       extra_args=("--front-end-root", root) if root else ()).start()

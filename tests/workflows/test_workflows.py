@@ -152,9 +152,10 @@ def test_workflow_runs_in_process(path, host, workflow_assets, base_dir):
 
 
 @pytest.fixture(scope="module")
-def server(workflow_assets, base_dir):
+def server(workflow_assets, base_dir, free_memory):
     from comfy_http import ComfyServer
 
+    free_memory()
     srv = ComfyServer(harness.comfy_dir(), base_dir, python=sys.executable).start()
     yield srv
     srv.stop()
