@@ -2,7 +2,7 @@
 
 Self side (eq. 2-3):   O_s' = O_s + sigma_I * softmax(Q_s K_s^T / sqrt(d)) V_s,  K_s = F_s^p W'_k, V_s = F_s^p W'_v
 Cross side (eq. 4-5):  O_c' = O_c + sigma_I * softmax(Q_c K_c^T / sqrt(d)) V_c,  K_c = agg(F_c^p) W'_k^c, ...
-Q is the block's own query (shared, pretrained); d is the head dimension (the host's head split, INV5); the sum is
+Q is the block's own query (shared, pretrained); d is the head dimension (the host's head split); the sum is
 taken before to_out (equivalent up to re-parameterising W'_v, as IP-Adapter does). Training-free mode: self side
 only, with W'_k, W'_v = the layer's own attn1 to_k / to_v, called as modules.
 """

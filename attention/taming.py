@@ -1,5 +1,4 @@
-"""The Taming Encoder's added cross-attention as contributions of the shared attn2 dispatcher (docs/methods/taming-encoder.md,
-E TAM2, TAM4).
+"""The Taming Encoder's added cross-attention as contributions of the shared attn2 dispatcher (docs/methods/taming-encoder.md).
 
 At every attn2 site, with Q the block's own query (shared, pretrained) and o the object tokens:
     O = Attn(Q, K_text, V_text) + weight * tanh(g_l) * Attn(Q, W_k^l o, W_v^l o)        (before to_out)

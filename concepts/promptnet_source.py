@@ -1,5 +1,5 @@
 """PromptNet as a concept source: S* from the reference photo(s) and the current noisy latent
-(docs/methods/promptnet.md, D.5, D.7).
+(docs/methods/promptnet.md).
 
 At every model evaluation the Fusion Guider hands over x (the host's sigma-space latent), sigma and the size
 conditioning of the condition being evaluated. PromptNet sees x in VP scaling (x / sqrt(1 + sigma^2), the

@@ -106,7 +106,7 @@ class EmbeddedAttentionAdapter(torch.nn.Module):
 
     @torch.no_grad()
     def init_from_model(self, model_patcher, layout: AttentionLayout):
-        """INV4: start every K'/V' as a copy of the block's own attn1 to_k/to_v (same-domain inputs), aggregation
+        """Start every K'/V' as a copy of the block's own attn1 to_k/to_v (same-domain inputs), aggregation
         as average pooling. Reads weights once, at build time (never inside a patch)."""
         sd = model_patcher.model.diffusion_model.state_dict()
         for site in layout.sites:

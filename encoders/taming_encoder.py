@@ -1,11 +1,11 @@
-"""The Taming Encoder's trainable modules (seed 003; docs/methods/taming-encoder.md, E TAM1-TAM4), one nn.Module for inference and
+"""The Taming Encoder's trainable modules (Taming Encoder (Jia et al. 2023); docs/methods/taming-encoder.md), one nn.Module for inference and
 training.
 
 - ObjectProjection: frozen CLIP-vision tokens of the masked subject (B, T, W) -> object tokens (B, N, context).
   queries > 0: a Perceiver resampler (N = queries learned latents that attend to the CLIP tokens, the choice
-  TAM1 names after IP-Adapter-Plus); queries = 0: every CLIP token through Linear + LayerNorm (N = T).
+  named after IP-Adapter-Plus); queries = 0: every CLIP token through Linear + LayerNorm (N = T).
 - TamingLayer, one per attn2 site: the added cross-attention's own K/V (context -> heads*dim_head, no bias,
-  initialised from the block's attn2 to_k/to_v, TAM2) and a zero-initialised scalar gate g; the site's output
+  initialised from the block's attn2 to_k/to_v) and a zero-initialised scalar gate g; the site's output
   becomes Attn(Q, K_text, V_text) + weight * tanh(g) * Attn(Q, K_o(o), V_o(o)), before to_out.
 - the null embedding phi that general-domain training samples get instead of o (object-embedding dropping, seed
   003 §3.4 eq. 4) and that CFG's unconditional pass attends to. Eq. 4 puts phi where o = f_o(x * m) goes, and
@@ -298,14 +298,14 @@ class TamingEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def init_null_from_projection(self):
-        """The null tokens start as the projection of all-zero CLIP tokens (TAM4's 'projection of zeros'); in
+        """The null tokens start as the projection of all-zero CLIP tokens; in
         learned mode they are free from there on, in fixed mode they stay that projection."""
         self.null_tokens.copy_(self.project(self.null_features()))
         return self
 
     @torch.no_grad()
     def init_from_model(self, model_patcher, layout: AttentionLayout, seed: int = 0):
-        """Training start (TAM2): K/V copies of each block's attn2 to_k/to_v, gates 0 (the model starts exactly as
+        """Training start: K/V copies of each block's attn2 to_k/to_v, gates 0 (the model starts exactly as
         the base model), default projection, null tokens = projection of zeros. Reads the base weights once."""
         sd = model_patcher.model.diffusion_model.state_dict()
         for site in layout.sites:

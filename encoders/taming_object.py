@@ -1,5 +1,5 @@
 """The Taming Encoder's object embedding: o = f_o(x * m), a frozen CLIP image encoder on the background-removed
-subject (seed 003 §3.1, §3.3; docs/methods/taming-encoder.md).
+subject (Taming Encoder §3.1, §3.3; docs/methods/taming-encoder.md).
 
 The subject image is composited over a flat background with its mask (1 = subject), cut to a square around the
 subject (or letterboxed / centre-cropped), resized to the tower's input size, and encoded by the host's CLIP

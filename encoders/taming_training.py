@@ -1,11 +1,11 @@
-"""Training-time choice of the object embedding (seed 003 §3.3-3.4; docs/methods/taming-encoder.md, E TAM3-TAM4).
+"""Training-time choice of the object embedding (Taming Encoder §3.3-3.4; docs/methods/taming-encoder.md).
 
 Per sample of a mixed batch:
 - general-domain sample (no subject identity): always the null embedding phi (object-embedding dropping, eq. 4;
   the encoder's null_embedding(): the projection of the fixed phi, or the learned tokens);
 - domain sample: with probability omega the embedding of ANOTHER image of the same subject (cross-reference
   regularisation, z = (x, o_bar, t)), otherwise the embedding of its own masked image (z = (x, o, t)).
-  A sample without another image (unlabelled sets) keeps its own; TAM3 recommends passing a strongly augmented
+  A sample without another image (unlabelled sets) keeps its own; the pack's choice is to pass a strongly augmented
   view of the same image as the "other" one in that case, which the trainer decides.
 The tokens come out of the same TamingEncoder that inference uses, with autograd intact.
 """
@@ -13,7 +13,7 @@ import torch
 
 OWN, CROSS, NULL = 0, 1, 2
 CHOICE_NAMES = {OWN: "own", CROSS: "cross-reference", NULL: "null"}
-DEFAULT_OMEGA = 0.5  # TAM3: not given by the paper; 0.5 for identity-labelled data
+DEFAULT_OMEGA = 0.5  # not given by the paper; 0.5 for identity-labelled data
 
 
 def _bool_rows(x, batch, name):

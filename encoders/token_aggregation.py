@@ -1,4 +1,4 @@
-"""Token aggregation of Inv-Adapter's cross-attention side (docs/methods/inv-adapter.md, INV3).
+"""Token aggregation of Inv-Adapter's cross-attention side (docs/methods/inv-adapter.md).
 
 F'[:, j, :] = sum_i A[j, i] F[:, i, :] + b[j]: a learned linear map along the token axis, s -> s_c, one per layer
 because s differs between layers. Initialised as average pooling (spatial windows when both token counts are

@@ -1,4 +1,4 @@
-"""A differentiable ArcFace for identity losses (PhotoVerse's L_face = 1 - cos(f(x), f(x')), seed 001 §2.5;
+"""A differentiable ArcFace for identity losses (PhotoVerse's L_face = 1 - cos(f(x), f(x')), PhotoVerse §2.5;
 docs/methods/faces.md): an IResNet converted from insightface's ONNX recognition model, insightface's input
 normalisation, and landmark alignment by grid_sample so gradients reach the generated image.
 

@@ -1,5 +1,5 @@
-"""The papers' face crop: a square around the detected face, enlarged by a factor (PhotoVerse: 1.3, seed 001
-§2.1; Inv-Adapter: a square face box, seed 002 §3.3), resized to the encoder's size (224 CLIP, 512 VAE).
+"""The papers' face crop: a square around the detected face, enlarged by a factor (PhotoVerse: 1.3, PhotoVerse
+§2.1; Inv-Adapter: a square face box, Inv-Adapter §3.3), resized to the encoder's size (224 CLIP, 512 VAE).
 
 Geometry: side = factor x max(box width, box height), centred on the box. Where the square leaves the image the
 border mode decides: 'shift' moves it back inside (and shrinks it to the image's short side if it is larger,
@@ -106,7 +106,7 @@ class FaceCrops:
 
     @property
     def masked(self) -> torch.Tensor:
-        """Non-face pixels set to 0: PhotoVerse's x_m (seed 001 §2.1 step 4)."""
+        """Non-face pixels set to 0: PhotoVerse's x_m (PhotoVerse §2.1 step 4)."""
         return self.images * self.masks.unsqueeze(-1)
 
 

@@ -1,5 +1,5 @@
-"""The face-region MASK of a crop (PhotoVerse zeroes every non-face pixel, seed 001 §2.1 step 4; the Taming
-Encoder removes the background, seed 003 §3.3).
+"""The face-region MASK of a crop (PhotoVerse zeroes every non-face pixel, PhotoVerse §2.1 step 4; the Taming
+Encoder removes the background, Taming Encoder §3.3).
 
 Sources, best first:
 - face_oval: MediaPipe's 468-point face mesh on the crop, the filled convex hull of its face-oval ring

@@ -1,7 +1,6 @@
 """One-step updates for the refinement stage of Fusion Sampling.
 
-ProFusion refines with deterministic DDIM (eta = 0), which in sigma form is exactly an Euler step (docs/methods/fusion-sampling.md,
-PF5). Because the fusion stage replaces x by x_tilde at every step, only samplers whose state is the current x
+ProFusion refines with deterministic DDIM (eta = 0), which in sigma form is exactly an Euler step (docs/methods/fusion-sampling.md). Because the fusion stage replaces x by x_tilde at every step, only samplers whose state is the current x
 (plus, for DPM++ 2M, the previous denoised estimate) make sense here; each follows the formulas of k-diffusion's
 sampler of the same name so that, with fusion off, the result matches the host's sampler. The euler step takes
 DDIM's stochasticity eta (ProFusion's pipeline `eta`, 0 by default): eta = 0 is the plain Euler step, eta > 0 the

@@ -6,7 +6,7 @@ Only the Embedded Attention Adapter is trained (self K'/V', cross token aggregat
 
 Per image, the face crop is inverted once (samplers/inversion.ddim_invert_trajectory, CFG 1, the caption as
 prompt, `inversion_steps` DDIM steps) and the trajectory is cached as a safetensors file (fp16 latents: about
-1.6 MB per image at 512 px and 50 steps). A training sample takes t on that grid (INV7), so Z_t^p is exact: the frozen UNet runs on Z_t^p with
+1.6 MB per image at 512 px and 50 steps). A training sample takes t on that grid, so Z_t^p is exact: the frozen UNet runs on Z_t^p with
 C_inv and the attention inputs of every block are captured (attention/reference_features.FeatureCapture);
 then the UNet runs on Z_t with the EAA contributions of attention/inv_adapter.py fed those features.
 AdamW lr 1e-4, weight decay 1e-2 (the paper; batch 4 on each of 16 V100 for a week).
@@ -32,7 +32,7 @@ from .prompt import CaptionEncoder
 
 log = logging.getLogger("likeness.train")
 
-DEFAULT_CAPTION = "a photo of a face"   # INV2's fallback caption
+DEFAULT_CAPTION = "a photo of a face"   # when an image has no caption (the paper captions every image)
 
 
 class BatchCapture(FeatureCapture):

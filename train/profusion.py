@@ -1,6 +1,6 @@
-"""ProFusion trainers (Zhou et al. 2023; docs/methods/promptnet.md, D.6) on the pack's PromptNet (encoders/promptnet.py).
+"""ProFusion trainers (Zhou et al. 2023; docs/methods/promptnet.md) on the pack's PromptNet (encoders/promptnet.py).
 
-Pre-training (D.3): PromptNet learns S* = PromptNet(x̄0, x_t, t, CLIP-vision tokens of x̄0) through the frozen
+Pre-training: PromptNet learns S* = PromptNet(x̄0, x_t, t, CLIP-vision tokens of x̄0) through the frozen
 UNet and text encoder: eps-MSE with t ~ U{0..999}, the reference equal to the target image, "a photo of S*" as
 the prompt (S* overwrites the whole input embedding of its slot: hidden space, concepts/prompt_injection.py),
 AdamW lr 2e-5 (0.9/0.999, wd 1e-2, eps 1e-8), gradient clipping 1.0, no regularisation of S*.
@@ -8,7 +8,7 @@ SDXL: S* has one part per text encoder (clip_l 768 + clip_g 1280), the UNet gets
 "a photo of S*" and the image size, PromptNet the `y` of the image size with a zero text vector
 (concepts/promptnet_source.py promptnet_y), exactly as the Fusion Guider gives them at sampling time.
 
-Test-time fine-tuning (D.6): PromptNet plus every to_q/to_k/to_v of the UNet's attention (attn1 and attn2; not
+Test-time fine-tuning: PromptNet plus every to_q/to_k/to_v of the UNet's attention (attn1 and attn2; not
 to_out) on one subject: AdamW lr 2e-5, eps-MSE, "a photo of S*", reference and target drawn independently
 from a small set of augmented views of the photo. The learned weight changes are trainable deltas applied as
 the host's weight wrappers during training and handed out as ModelPatcher.add_patches "diff" patches, so the
@@ -146,7 +146,7 @@ class PromptNetPretrainer(MethodTrainer):
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         images = fresh(batch["image"]).float()
-        separate = "reference_image" in batch   # pre-training: the reference is the target (D.3)
+        separate = "reference_image" in batch   # pre-training: the reference is the target
         reference_images = fresh(batch["reference_image"]).float() if separate else images
         device = self.device()
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §4, §5; docs/methods/taming-encoder.md, E TAM1-TAM6) on the
+"""Taming Encoder trainer (Jia et al. 2023, §3.3-3.4, §4, §5; docs/methods/taming-encoder.md) on the
 pack's modules.
 
 The object embedding o = f_o(x * m) is the frozen CLIP vision tower on the background-removed subject
@@ -14,7 +14,7 @@ What is trained (§3.4 "Whole-Network Tuning", §4 "the entire network except th
 the whole UNet together with the added attention (gates starting at 0) and the projection; train_unet false
 trains only the adapter (Fig. 7: keeps text control, loses identity). The whole UNet keeps float32 master
 weights (the command line loads it so); the tuned UNet is written next to the adapter. The loss is the
-eps-MSE; captions get 10 % text dropout (TAM6). The paper gives no learning rate (TAM6): 1e-4 for the adapter,
+eps-MSE; captions get 10 % text dropout. The paper gives no learning rate: 1e-4 for the adapter,
 1e-5 for the UNet. SDXL: the UNet's `y` comes from the pooled caption output and the image size.
 """
 import logging
@@ -37,10 +37,10 @@ from .prompt import CaptionEncoder
 log = logging.getLogger("likeness.train")
 
 DOMAIN_RATIO = 0.3      # r [TAM §5, Fig. 9]
-TEXT_DROPOUT = 0.1      # TAM6
+TEXT_DROPOUT = 0.1      # not given by the paper
 TRAIN_UNET = True       # §3.4 Whole-Network Tuning
 NULL_EMBEDDING = "fixed"  # eq. 4
-UNET_LEARNING_RATE = 1e-5  # TAM6
+UNET_LEARNING_RATE = 1e-5  # not given by the paper: 10x below the adapter's
 
 
 def trains_whole_unet(options: dict) -> bool:
@@ -61,7 +61,7 @@ def check_general_data(options: dict):
             "the Taming Encoder trainer needs general-domain data: set options.general_data to a folder of captioned "
             "images (any text-image set; each image with a sidecar .txt caption). The paper mixes a fraction r = 0.3 "
             "of domain images with general ones; with domain data alone (r = 1) the model loses text control "
-            "(seed 003 Fig. 9). To train on domain data alone anyway, set options.domain_only to true")
+            "(Taming Encoder (Jia et al. 2023) Fig. 9). To train on domain data alone anyway, set options.domain_only to true")
     return general, domain_only
 
 

@@ -1,4 +1,4 @@
-"""The Taming Encoder's added cross-attention (docs/methods/taming-encoder.md, TAM2/TAM4) on the micro model through the host's
+"""The Taming Encoder's added cross-attention (docs/methods/taming-encoder.md) on the micro model through the host's
 sampler: every output of every attn2 site against an independent computation from the adapter's state dict (the
 subject's tokens on conditional rows, phi on unconditional rows), weight 0 / zero gates bit-identical to the
 unpatched model, mask and sigma window, stacking, several reference images, every site hit, no mutation."""
@@ -67,7 +67,7 @@ def test_weight_zero_is_bit_identical_to_the_unpatched_model(taming, setup):
 
 
 def test_zero_gates_at_training_start_are_bit_identical(taming, setup):
-    """TAM2: K/V copied from attn2's to_k/to_v and gates at 0: the adapted model starts as the base model."""
+    """At the start of training: K/V copied from attn2's to_k/to_v and gates at 0: the adapted model starts as the base model."""
     model, layout = setup["model"], setup["layout"]
     spec = setup["adapter"].module.spec
     module = taming["enc"].TamingEncoder(spec, dtype=torch.float32, device="cpu").init_from_model(model, layout)

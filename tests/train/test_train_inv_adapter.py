@@ -38,7 +38,7 @@ def test_reference_is_the_inversion_at_the_same_t(trainer, base_models):
     prepared = trainer.prepare_batch(batch, torch.Generator().manual_seed(0))
     sigmas, latents = trainer.trajectories[0]
     assert sigmas.shape[0] == OPTIONS["inversion_steps"] + 1 and latents.shape[1:] == (4, RES // 8, RES // 8)
-    # every training sigma is a point of that image's inversion grid (INV7)
+    # every training sigma is a point of that image's inversion grid
     for n, i in enumerate(batch["index"].tolist()):
         assert float(prepared["sigma"][n]) in [float(s) for s in trainer.trajectories[i][0][1:]]
     # the cached trajectory is the inversion of the face crop with its caption (recomputed independently)

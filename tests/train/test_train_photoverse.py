@@ -55,7 +55,7 @@ def test_all_four_losses_and_random_fusion(trainer):
     sigmas = trainer.train_patcher.get_model_object("model_sampling").sigmas
     for s in range(8):
         p = trainer.prepare_batch(face_batch(trainer), torch.Generator().manual_seed(s))
-        assert float(p["sigma"][p["face_rows"]].max()) <= float(sigmas[499]) + 1e-6   # t below 500 (PV7)
+        assert float(p["sigma"][p["face_rows"]].max()) <= float(sigmas[499]) + 1e-6   # t below 500
     modes = {(float(g), float(s)) for g, s in zip(prepared["gamma"], prepared["sigma_v"])}
     assert modes <= set(FUSION_MODES)
     trainer.before_step()

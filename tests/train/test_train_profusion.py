@@ -1,5 +1,5 @@
 """ProFusion trainers on micro models: PromptNet pre-training (docs/methods/promptnet.md) through the shared accelerate loop,
-and the test-time fine-tuning (D.6) as the node does it, inside inference mode like a running host. Their
+and the test-time fine-tuning as the node does it, inside inference mode like a running host. Their
 outputs load in the PromptNet nodes and change what KSampler (Fusion) makes; the inputs stay as they were."""
 import os
 

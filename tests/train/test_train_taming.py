@@ -1,4 +1,4 @@
-"""Taming Encoder trainer on micro models (docs/methods/taming-encoder.md, seed 003 §3.4, §5): the paper's defaults
+"""Taming Encoder trainer on micro models (docs/methods/taming-encoder.md, Taming Encoder §3.4, §5): the paper's defaults
 (whole UNet, the fixed null embedding of eq. 4, general-domain data mixed in with r = 0.3, and a clear stop without
 it), cross-reference with probability omega, the zero-initialised gates opening as it learns, the learned-null and
 adapter-only options, SDXL (its `y`) and v-prediction (SD2-768), and exported files that drive Taming Encoder Apply:
@@ -71,7 +71,7 @@ def embeds_of(base, tr):
 
 
 def test_defaults_follow_the_paper(folders):
-    """Whole UNet (§3.4), fixed null (eq. 4), r = 0.3 (§5), ω = 0.5, the UNet at its own smaller rate (TAM6)."""
+    """Whole UNet (§3.4), fixed null (eq. 4), r = 0.3 (§5), ω = 0.5, the UNet at its own smaller rate."""
     from comfyui_likeness.encoders.taming_encoder import TamingEncoder
 
     base = micro_base(seed=4)
