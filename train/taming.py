@@ -36,8 +36,8 @@ from .prompt import CaptionEncoder
 
 log = logging.getLogger("likeness.train")
 
-DOMAIN_RATIO = 0.3      # r [TAM §5, Fig. 9]
-TEXT_DROPOUT = 0.1      # not given by the paper
+DOMAIN_RATIO = 0.3      # r (Taming Encoder §5, Fig. 9)
+TEXT_DROPOUT = 0.1      # the pack's choice
 TRAIN_UNET = True       # §3.4 Whole-Network Tuning
 NULL_EMBEDDING = "fixed"  # eq. 4
 UNET_LEARNING_RATE = 1e-5  # not given by the paper: 10x below the adapter's
