@@ -28,33 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from common import RESULTS, boot_host, median_times, standin_checkpoint, write_result
+import full_models as fm
 
-# The host's SD2.x UNet config (comfy/model_detection.py SD21) and SD2's ViT-H/14 token width.
-SD2_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-            "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-            "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-            "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 1024,
-            "num_head_channels": 64, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            "use_temporal_attention": False, "use_temporal_resblock": False}
-VIT_H_WIDTH = 1280
+VIT_H_WIDTH = fm.VIT_H_WIDTH
 REPEATS = int(os.environ.get("LIKENESS_BENCH_REPEATS", "5"))
 STEPS, STANDIN_SIZE = 6, 128
-
-
-def randomize(module, seed=0):
-    """Random weights of a sensible scale (the host leaves weights uninitialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.numel() == 0:
-                continue
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim <= 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "embedding" in name else p[0].numel() ** -0.5))
-    return module
 
 
 def count(module):
@@ -71,48 +49,9 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def full_promptnet(share_with=None):
-    """The SD2-base PromptNet with random weights. share_with: a UNet whose encoder half PromptNet's body then
-    uses in place of its own copy (ProFusion initialises it from the UNet; the compute is the same, and the
-    measurement fits in 4 GB instead of 5.5)."""
-    from comfyui_likeness.encoders.promptnet import BODY_PREFIXES, PromptNet
-
-    if share_with is None:
-        return randomize(PromptNet(SD2_UNET, VIT_H_WIDTH, 1024, latent_size=64, region_channels=128), 1).eval()
-    net = PromptNet(SD2_UNET, VIT_H_WIDTH, 1024, latent_size=64, region_channels=128, device="meta")
-    source = dict(share_with.named_parameters())
-    for name, module in list(net.named_modules()):
-        for leaf, p in list(module.named_parameters(recurse=False)):
-            key = f"{name}.{leaf}" if name else leaf
-            shared = key.startswith(BODY_PREFIXES) and key in source and source[key].shape == p.shape
-            module._parameters[leaf] = source[key] if shared else torch.nn.Parameter(torch.empty(p.shape))
-    for name, module in list(net.named_modules()):
-        for leaf, b in list(module.named_buffers(recurse=False)):
-            module._buffers[leaf] = torch.zeros(b.shape, dtype=b.dtype)
-    heads = [m for n, m in net.named_children() if not n.startswith(tuple(p.rstrip(".") for p in BODY_PREFIXES))]
-    for m in heads:
-        randomize(m, 1)
-    return net.eval()
-
-
 def full_unet():
     """The SD2-base UNet through the host's BaseModel (apply_model: c_in, timestep, the model's own call)."""
-    import comfy.model_base
-    import comfy.supported_models
-
-    config = comfy.supported_models.SD20(dict(SD2_UNET))
-    config.set_inference_dtype(torch.float32, None)
-    unet = comfy.model_base.BaseModel(config, device="cpu")
-    randomize(unet.diffusion_model, 0)
-    return unet, config
-
-
-def full_text_encoder(config):
-    import comfy.sd
-
-    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32})
-    randomize(clip.cond_stage_model, 2)
-    return clip
+    return fm.full_model("sd2", dtype=torch.float32, device=torch.device("cpu")).model
 
 
 def alternate(calls: dict, cpu: dict, wall: dict):
@@ -133,7 +72,7 @@ def measure_full_size():
     Returns (result, the stand-alone PromptNet, for the resize measurement)."""
     import gc
 
-    unet, config = full_unet()
+    unet = full_unet()
     g = torch.Generator().manual_seed(3)
     context = torch.randn(1, 77, 1024, generator=g)
     tokens = torch.randn(1, 257, VIT_H_WIDTH, generator=g)
@@ -143,7 +82,7 @@ def measure_full_size():
     x = {n: torch.randn(1, 4, n, n, generator=g) for n in (64, 48)}
     x2 = torch.randn(2, 4, 64, 64, generator=g)
     cpu, wall = {}, {}
-    net = full_promptnet(share_with=unet.diffusion_model)
+    net = fm.full_promptnet("sd2", share_with=unet.diffusion_model)
     params = {"promptnet": count(net), "unet": count(unet.diffusion_model)}
     alternate({
         "unet_512px_batch1": lambda: unet.apply_model(x[64], sigma, c_crossattn=context),
@@ -153,8 +92,8 @@ def measure_full_size():
     }, cpu, wall)
     del net, unet
     gc.collect()
-    net = full_promptnet()
-    clip = full_text_encoder(config)
+    net = fm.full_promptnet("sd2")
+    clip = fm.full_clip("sd2", torch.float32)
     params["text_encoder"] = count(clip.cond_stage_model)
     prompt = clip.tokenize("a holder is wearing a superman costume")
     phase2, wall2 = {}, {}
@@ -182,12 +121,6 @@ def measure_full_size():
     }, net
 
 
-SD15_UNET = {**SD2_UNET, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1}
-SDXL_UNET = {**SD2_UNET, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
-             "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
-             "context_dim": 2048, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
-
-
 def measure_flops():
     """Floating-point operations per call, counted on the meta device (no memory, no timing noise): the UNet
     at 512 and 384 px, PromptNet, and the text encoders (SD1.x CLIP-L, SD2.x OpenCLIP-H, SDXL CLIP-L + bigG)."""
@@ -210,9 +143,9 @@ def measure_flops():
     out = {}
     try:
         for family, config, widths, side, text_cls in (
-                ("sd15", SD15_UNET, 768, 64, comfy.supported_models.SD15),
-                ("sd2", SD2_UNET, 1024, 64, comfy.supported_models.SD20),
-                ("sdxl", SDXL_UNET, [768, 1280], 128, comfy.supported_models.SDXL)):
+                ("sd15", fm.host_unet_config("sd15"), 768, 64, comfy.supported_models.SD15),
+                ("sd2", fm.host_unet_config("sd2"), 1024, 64, comfy.supported_models.SD20),
+                ("sdxl", fm.host_unet_config("sdxl"), [768, 1280], 128, comfy.supported_models.SDXL)):
             unet = UNetModel(**config, operations=comfy.ops.manual_cast, **meta)
             extra = {"y": torch.zeros(1, 2816, **meta)} if family == "sdxl" else {}
             ctx = torch.zeros(1, 77, config["context_dim"], **meta)
@@ -253,8 +186,8 @@ def measure_resize(net=None):
     import comfy.supported_models
     from comfyui_likeness.encoders.promptnet import fit_latent
 
-    net = net if net is not None else full_promptnet()
-    config = comfy.supported_models.SD20(dict(SD2_UNET))
+    net = net if net is not None else fm.full_promptnet("sd2")
+    config = comfy.supported_models.SD20(fm.unet_config("sd2"))
 
     class Sampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
         pass
@@ -301,9 +234,9 @@ def standin_promptnet():
     from comfyui_likeness.encoders.promptnet import PromptNet
     from standin_checkpoint import FAMILIES
 
-    config = {**SD2_UNET, **FAMILIES["sd15"], "use_linear_in_transformer": False, "num_head_channels": -1}
+    config = {**fm.host_unet_config("sd15"), **FAMILIES["sd15"]}
     net = PromptNet(config, 1024, 768, latent_size=8, region_channels=32)
-    randomize(net, 4)
+    fm.fill_random(net, 4)
     with torch.no_grad():
         net.head.weight.mul_(0.1)
     return net.eval(), config

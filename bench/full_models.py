@@ -1,4 +1,4 @@
-"""Full-size models for the benchmarks: random weights of the real SD1.5, SD2-768 and SDXL configurations, built
+"""Full-size models for the benchmarks: random weights of the real SD1.5, SD2 (512 and 768) and SDXL configurations, built
 from the host's own classes (no files, no download), so a bench measures the architecture users run.
 
     model = full_model("sd15")                     # ModelPatcher of the 859.5 M-parameter SD1.5 UNet
@@ -25,6 +25,8 @@ FAMILIES = {
     # name: (supported-models class, model_base class, unet config, prediction, native size, context, pooled width)
     "sd15": ("SD15", "BaseModel", {**_SD_COMMON, "context_dim": 768, "use_linear_in_transformer": False},
              "eps", 512, 768, None),
+    "sd2": ("SD20", "BaseModel", {**_SD_COMMON, "context_dim": 1024, "use_linear_in_transformer": True},
+            "eps", 512, 1024, None),   # SD2.x-base: ProFusion's published PromptNet belongs to it
     "sd2_768": ("SD20", "BaseModel", {**_SD_COMMON, "context_dim": 1024, "use_linear_in_transformer": True},
                 "v", 768, 1024, None),
     "sdxl": ("SDXL", "SDXL", {
@@ -37,10 +39,10 @@ FAMILIES = {
     }, "eps", 1024, 2048, 1280),
 }
 # Parameter counts of the released UNets, which the builders must reproduce exactly.
-UNET_PARAMETERS = {"sd15": 859_520_964, "sd2_768": 865_910_724, "sdxl": 2_567_463_684}
+UNET_PARAMETERS = {"sd15": 859_520_964, "sd2": 865_910_724, "sd2_768": 865_910_724, "sdxl": 2_567_463_684}
 VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-VAE_SCALE = {"sd15": 0.18215, "sd2_768": 0.18215, "sdxl": 0.13025}
+VAE_SCALE = {"sd15": 0.18215, "sd2": 0.18215, "sd2_768": 0.18215, "sdxl": 0.13025}
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,7 +70,7 @@ def fill_random(module, seed: int = 0):
     norms, 0.02 for embeddings. The host builds modules uninitialised (disable_weight_init)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        if p is None or not p.dtype.is_floating_point:
+        if p is None or not p.dtype.is_floating_point or p.numel() == 0:
             continue
         if name.endswith("bias"):
             p.zero_()
@@ -84,6 +86,14 @@ def unet_config(family: str) -> dict:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)} (got {family!r})")
     return dict(FAMILIES[family][2])
+
+
+def host_unet_config(family: str) -> dict:
+    """The family's config as the host completes it (its supported-models class adds the head layout): what a
+    module built outside the host, such as PromptNet's encoder half, needs."""
+    import comfy.supported_models
+
+    return dict(getattr(comfy.supported_models, FAMILIES[family][0])(unet_config(family)).unet_config)
 
 
 def native_size(family: str) -> int:
@@ -115,11 +125,10 @@ def full_model(family: str = "sd15", dtype=None, device=None, seed: int = 0):
 def meta_unet(family: str):
     """The family's UNetModel on the meta device (no memory): for layouts and parameter counts."""
     import comfy.ops
-    import comfy.supported_models
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    config = getattr(comfy.supported_models, FAMILIES[family][0])(unet_config(family)).unet_config
-    config = {k: v for k, v in config.items() if k not in ("use_temporal_attention", "use_temporal_resblock")}
+    temporal = ("use_temporal_attention", "use_temporal_resblock")
+    config = {k: v for k, v in host_unet_config(family).items() if k not in temporal}
     return UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
 
 
@@ -174,6 +183,49 @@ def random_conditioning(family: str, seed: int, width: int | None = None, height
         extra = {"pooled_output": torch.randn(1, pooled, generator=g), "width": w, "height": h, "crop_w": 0,
                  "crop_h": 0, "target_width": w, "target_height": h}
     return [[cond, extra]]
+
+
+VIT_H_WIDTH = 1280   # token width of OpenCLIP ViT-H/14, the CLIP vision ProFusion's PromptNet reads
+
+
+def full_promptnet(family: str = "sd2", seed: int = 1, dtype=torch.float32, share_with=None):
+    """A random PromptNet of ProFusion's construction on the family's UNet (its encoder half, ViT-H tokens, the
+    family's native latent; SD2-base is the one ProFusion published). share_with: a UNet whose encoder-half weights
+    PromptNet's body then uses in place of its own copy (ProFusion initialises it from the UNet; the compute is the
+    same and the copy's 1.6 GB are saved)."""
+    from comfyui_likeness.encoders.promptnet import BODY_PREFIXES, PromptNet
+
+    config = host_unet_config(family)
+    widths = [768, 1280] if family == "sdxl" else FAMILIES[family][5]
+    shape = dict(vision_width=VIT_H_WIDTH, prompt_width=widths, latent_size=native_size(family) // 8,
+                 region_channels=128)
+    if share_with is None:
+        return fill_random(PromptNet(config, **shape), seed).to(dtype).eval()
+    net = PromptNet(config, **shape, device="meta")
+    source = dict(share_with.named_parameters())
+    for name, module in list(net.named_modules()):
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            key = f"{name}.{leaf}" if name else leaf
+            shared = key.startswith(BODY_PREFIXES) and key in source and source[key].shape == p.shape
+            module._parameters[leaf] = source[key] if shared else torch.nn.Parameter(torch.empty(p.shape, dtype=dtype))
+    for name, module in list(net.named_modules()):
+        for leaf, b in list(module.named_buffers(recurse=False)):
+            module._buffers[leaf] = torch.zeros(b.shape, dtype=b.dtype)
+    body = tuple(p.rstrip(".") for p in BODY_PREFIXES)
+    for m in [m for n, m in net.named_children() if not n.startswith(body)]:
+        fill_random(m, seed)
+    return net.eval()
+
+
+def full_clip(family: str, dtype=torch.float32, seed: int = 2):
+    """The host's CLIP (tokenizer and the family's full text encoders) with random weights."""
+    import comfy.sd
+    import comfy.supported_models
+
+    target = getattr(comfy.supported_models, FAMILIES[family][0])(unet_config(family)).clip_target()
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
+    fill_random(clip.cond_stage_model, seed)
+    return clip
 
 
 def face_image(size: int = 512, seed: int = 5):
