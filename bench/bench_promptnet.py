@@ -250,7 +250,7 @@ def measure_standin(comfy_dir, base):
     from comfyui_likeness.concepts.promptnet_source import PromptNetSource
     from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
     from comfyui_likeness.samplers.sigmas import schedule_sigmas
-    from common import EvalCounter
+    from common import Clock, EvalCounter
 
     model, clip, _ = standin_checkpoint(comfy_dir, base)
     net, config = standin_promptnet()
@@ -283,13 +283,14 @@ def measure_standin(comfy_dir, base):
         return counter.rows / n_steps, (source.calls - before) / n_steps
 
     with torch.inference_mode():
-        t = median_times({"host": host, "profusion": profusion}, repeats=3)
+        clock = Clock(torch.device("cpu"))
+        t = median_times({"host": host, "profusion": profusion}, repeats=3, clock=clock)
         e_host, _ = counts(host)
         e_pf, pn_calls = counts(profusion)
     return {
         "what": "ProFusion (PromptNet concept, KSampler (Fusion) m=1 + refinement) vs host CFG KSampler",
         "model": "stand-in SD1.5 checkpoint (one-level 19 M UNet, random weights) + random PromptNet on its layout, CPU",
-        "latent": f"{STANDIN_SIZE // 8}x{STANDIN_SIZE // 8}", "steps": n_steps,
+        "latent": f"{STANDIN_SIZE // 8}x{STANDIN_SIZE // 8}", "steps": n_steps, "clock": clock.kind,
         "seconds": {"host_ksampler": t["host"], "profusion": t["profusion"]},
         "per_step": {"host_unet_evaluations": e_host, "profusion_unet_evaluations": e_pf,
                      "promptnet_calls": pn_calls, "text_encodings": pn_calls},
