@@ -53,9 +53,10 @@ def photoverse_model(model, family):
     from comfyui_likeness.attention.photoverse import apply_photoverse
     from comfyui_likeness.concepts.photoverse_concept import make_concept
     from comfyui_likeness.weights.photoverse import load_photoverse, write_random_photoverse
+    import full_models as fm
 
     width, layers = VISION[family]
-    text_widths = [768, 1280] if family == "sdxl" else [1024 if family.startswith("sd2") else 768]
+    text_widths = fm.text_widths(family)
     path = os.path.join(tempfile.mkdtemp(), "photoverse_bench.safetensors")
     write_random_photoverse(path, model, {"width": width, "layers": layers, "image_size": 224, "patch": 14}, seed=1,
                             scale=0.5, text_widths=text_widths)
@@ -84,29 +85,17 @@ def taming_model(model, family):
 
 
 def profusion_inputs(model, family, dtype):
-    """What PromptNet Concept and the likeness prompt give KSampler (Fusion): a source with a random full-size
-    PromptNet (ProFusion's construction, ViT-H tokens of one photo, its reference latent) and the fused, concept
-    and context conditionings from the family's full text encoder, which re-encodes the prompt with each new S*.
+    """PromptNet Concept's source with a random full-size PromptNet (ProFusion's construction, ViT-H tokens of one
+    photo, its reference latent) and the likeness prompt through the family's full text encoder.
     Returns (source, negative, fused, concept, context)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import nodes
-    from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
-    from comfyui_likeness.concepts.promptnet_source import PromptNetSource
     import full_models as fm
+    from common import profusion_prompt
 
-    patcher = comfy.model_patcher.ModelPatcher(fm.full_promptnet(family, dtype=dtype), load_device=model.load_device,
-                                               offload_device=mm.unet_offload_device())
     g = torch.Generator().manual_seed(6)
     side = fm.native_size(family) // 8
-    source = PromptNetSource(patcher, torch.randn(1, 257, fm.VIT_H_WIDTH, generator=g),
-                             torch.randn(1, 4, side, side, generator=g),
-                             {"unet_config": fm.host_unet_config(family), "vision_width": fm.VIT_H_WIDTH})
-    clip = fm.full_clip(family, dtype)
-    concept = source.static_concept(model, "promptnet:bench")
-    fused, concept_cond, context = encode_likeness_prompt(clip, "a holder is wearing a superman costume", concept,
-                                                          "holder", "person", 0.7)
-    return source, nodes.CLIPTextEncode().encode(clip, "")[0], fused, concept_cond, context
+    return profusion_prompt(model, fm.full_clip(family, dtype), fm.full_promptnet(family, dtype=dtype),
+                            torch.randn(1, 257, fm.VIT_H_WIDTH, generator=g), torch.randn(1, 4, side, side, generator=g),
+                            {"unet_config": fm.host_unet_config(family), "vision_width": fm.VIT_H_WIDTH})
 
 
 def run_family(family: str) -> dict:
@@ -136,18 +125,16 @@ def run_family(family: str) -> dict:
     def ksampler(m):
         return nodes.KSampler().sample(m, SEED, steps, CFG, "euler", "ddim_uniform", concept, neg, latent)
 
-    def fusion(m_steps):
-        return lambda: ksampler_fusion(model, SEED, steps, "euler", "ddim_uniform", neg, fused, concept, context,
-                                       latent, 1.0, 7.0, 7.0, 5.0, m_steps, 1.0, True, 0.0, 1.0)
+    def fusion(m_steps, conds=(neg, fused, concept, context)):
+        return lambda: ksampler_fusion(model, SEED, steps, "euler", "ddim_uniform", *conds, latent, 1.0, 7.0, 7.0, 5.0,
+                                       m_steps, 1.0, True, 0.0, 1.0)
 
     fns = {"host": lambda: ksampler(model), "fusion_m0": fusion(0), "fusion_m1": fusion(1),
            "photoverse": lambda: ksampler(photoverse), "taming": lambda: ksampler(taming)}
     promptnet = None
     if family in PROMPTNET_FAMILIES and wanted("profusion"):
-        promptnet, pf_neg, pf_fused, pf_concept, pf_context = profusion_inputs(model, family, dtype)
-        fns["profusion"] = lambda: ksampler_fusion(model, SEED, steps, "euler", "ddim_uniform", pf_neg, pf_fused,
-                                                   pf_concept, pf_context, latent, 1.0, 7.0, 7.0, 5.0, 1, 1.0, True,
-                                                   0.0, 1.0)
+        promptnet, *conds = profusion_inputs(model, family, dtype)
+        fns["profusion"] = fusion(1, tuple(conds))
     unknown = [m for m in chosen or () if m not in fns]
     if unknown:
         raise SystemExit(f"LIKENESS_BENCH_MODES: no mode {unknown} for {family}; choose from {', '.join(fns)}")

@@ -2,7 +2,7 @@
 exact formula's own cost limit measured in the same rounds.
 
 Architectures (argument or LIKENESS_BENCH_MODELS, comma-separated; default standin,sd15, what a CPU runs in under an
-hour; SDXL at 1024 px takes about an hour in bf16 on two CPU cores, `make bench-sdxl`):
+hour; SDXL at 1024 px took 63 minutes in bf16 on one CPU core, `make bench-sdxl`):
   standin   the stand-in SD1.5 checkpoint (scripts/standin_checkpoint.py), 256 x 256      -> results/inv_adapter.json
   sd15      the full SD1.5 UNet (859.5 M, random weights, bench/full_models.py), 512 x 512 -> results/inv_adapter_sd15.json
   sdxl      the full SDXL UNet (2.57 B), 1024 x 1024                                    -> results/inv_adapter_sdxl.json

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from common import RESULTS, boot_host, median_times, standin_checkpoint, write_result
 import full_models as fm
 
-VIT_H_WIDTH = fm.VIT_H_WIDTH
 REPEATS = int(os.environ.get("LIKENESS_BENCH_REPEATS", "5"))
 STEPS, STANDIN_SIZE = 6, 128
 
@@ -75,7 +74,7 @@ def measure_full_size():
     unet = full_unet()
     g = torch.Generator().manual_seed(3)
     context = torch.randn(1, 77, 1024, generator=g)
-    tokens = torch.randn(1, 257, VIT_H_WIDTH, generator=g)
+    tokens = torch.randn(1, 257, fm.VIT_H_WIDTH, generator=g)
     ms = unet.model_sampling
     sigma = ms.sigmas[500].reshape(1)
     t = ms.timestep(sigma).float()
@@ -142,18 +141,17 @@ def measure_flops():
     meta = {"device": "meta"}
     out = {}
     try:
-        for family, config, widths, side, text_cls in (
-                ("sd15", fm.host_unet_config("sd15"), 768, 64, comfy.supported_models.SD15),
-                ("sd2", fm.host_unet_config("sd2"), 1024, 64, comfy.supported_models.SD20),
-                ("sdxl", fm.host_unet_config("sdxl"), [768, 1280], 128, comfy.supported_models.SDXL)):
+        for family in ("sd15", "sd2", "sdxl"):
+            config, widths, side = fm.host_unet_config(family), fm.text_widths(family), fm.native_size(family) // 8
+            text_cls = getattr(comfy.supported_models, fm.FAMILIES[family][0])
             unet = UNetModel(**config, operations=comfy.ops.manual_cast, **meta)
             extra = {"y": torch.zeros(1, 2816, **meta)} if family == "sdxl" else {}
             ctx = torch.zeros(1, 77, config["context_dim"], **meta)
             run = lambda n: flops(lambda: unet(torch.zeros(1, 4, n, n, **meta), torch.zeros(1, **meta), context=ctx, **extra))  # noqa: E731
             u_full, u_small = run(side), run(side * 3 // 4)
-            net = PromptNet(config, VIT_H_WIDTH, widths, latent_size=side, region_channels=128, **meta)
+            net = PromptNet(config, fm.VIT_H_WIDTH, widths, latent_size=side, region_channels=128, **meta)
             p = flops(lambda: net(torch.zeros(1, 4, side, side, **meta), torch.zeros(1, 4, side, side, **meta),
-                                  torch.zeros(1, **meta), torch.zeros(1, 257, VIT_H_WIDTH, **meta), **extra))
+                                  torch.zeros(1, **meta), torch.zeros(1, 257, fm.VIT_H_WIDTH, **meta), **extra))
             text = text_cls({**config, "in_channels": 4}).clip_target().clip(
                 dtype=torch.float32, model_options={"custom_operations": comfy.ops.disable_weight_init}, **meta)
             e = 0
@@ -195,7 +193,7 @@ def measure_resize(net=None):
     ms = Sampling(config)
     g = torch.Generator().manual_seed(5)
     reference = smooth_latent(64, 99)
-    tokens = torch.randn(1, 257, VIT_H_WIDTH, generator=g)
+    tokens = torch.randn(1, 257, fm.VIT_H_WIDTH, generator=g)
 
     def s_star(x, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
@@ -243,26 +241,17 @@ def standin_promptnet():
 
 
 def measure_standin(comfy_dir, base):
-    import comfy.model_management
-    import comfy.model_patcher
     import nodes
-    from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
-    from comfyui_likeness.concepts.promptnet_source import PromptNetSource
     from comfyui_likeness.samplers.ksampler_fusion import ksampler_fusion
     from comfyui_likeness.samplers.sigmas import schedule_sigmas
-    from common import Clock, EvalCounter
+    from common import Clock, EvalCounter, profusion_prompt
 
     model, clip, _ = standin_checkpoint(comfy_dir, base)
     net, config = standin_promptnet()
     g = torch.Generator().manual_seed(1)
-    patcher = comfy.model_patcher.ModelPatcher(net, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
-    source = PromptNetSource(patcher, torch.randn(1, 257, 1024, generator=g), torch.randn(1, 4, 16, 16, generator=g),
-                             {"unet_config": config, "vision_width": 1024})
-    concept = source.static_concept(model, "promptnet:bench")
-    fused, concept_cond, context = encode_likeness_prompt(clip, "a holder is wearing a superman costume", concept,
-                                                          "holder", "person", 0.7)
-    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    source, neg, fused, concept_cond, context = profusion_prompt(
+        model, clip, net, torch.randn(1, 257, 1024, generator=g), torch.randn(1, 4, 16, 16, generator=g),
+        {"unet_config": config, "vision_width": 1024})
     plain = nodes.CLIPTextEncode().encode(clip, "a person is wearing a superman costume")[0]
     latent = nodes.EmptyLatentImage().generate(STANDIN_SIZE, STANDIN_SIZE, 1)[0]
     n_steps = len(schedule_sigmas(model, "ddim_uniform", STEPS)) - 1

@@ -44,6 +44,25 @@ def standin_checkpoint(comfy, base, family="sd15"):
     return nodes.CheckpointLoaderSimple().load_checkpoint(name)
 
 
+def profusion_prompt(model, clip, net, vision_tokens, reference_latent, meta):
+    """What PromptNet Concept and the likeness prompt give KSampler (Fusion) for one photo: a PromptNet source
+    around `net` and the fused, concept and context conditionings of a ProFusion-style prompt (re-encoded with
+    each new S* while sampling), plus the empty negative. -> (source, negative, fused, concept, context)"""
+    import comfy.model_management
+    import comfy.model_patcher
+    import nodes
+    from comfyui_likeness.concepts.prompt_injection import encode_likeness_prompt
+    from comfyui_likeness.concepts.promptnet_source import PromptNetSource
+
+    patcher = comfy.model_patcher.ModelPatcher(net, load_device=model.load_device,
+                                               offload_device=comfy.model_management.unet_offload_device())
+    source = PromptNetSource(patcher, vision_tokens, reference_latent, meta)
+    concept = source.static_concept(model, "promptnet:bench")
+    fused, concept_cond, context = encode_likeness_prompt(clip, "a holder is wearing a superman costume", concept,
+                                                          "holder", "person", 0.7)
+    return source, nodes.CLIPTextEncode().encode(clip, "")[0], fused, concept_cond, context
+
+
 def threads() -> int:
     return int(os.environ.get("LIKENESS_BENCH_THREADS", 1))
 

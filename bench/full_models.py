@@ -96,6 +96,11 @@ def host_unet_config(family: str) -> dict:
     return dict(getattr(comfy.supported_models, FAMILIES[family][0])(unet_config(family)).unet_config)
 
 
+def text_widths(family: str) -> list:
+    """The widths of the family's text encoders, in the order its context joins them (SDXL: clip_l, clip_g)."""
+    return [768, 1280] if family == "sdxl" else [FAMILIES[family][5]]
+
+
 def native_size(family: str) -> int:
     return FAMILIES[family][4]
 
@@ -196,8 +201,7 @@ def full_promptnet(family: str = "sd2", seed: int = 1, dtype=torch.float32, shar
     from comfyui_likeness.encoders.promptnet import BODY_PREFIXES, PromptNet
 
     config = host_unet_config(family)
-    widths = [768, 1280] if family == "sdxl" else FAMILIES[family][5]
-    shape = dict(vision_width=VIT_H_WIDTH, prompt_width=widths, latent_size=native_size(family) // 8,
+    shape = dict(vision_width=VIT_H_WIDTH, prompt_width=text_widths(family), latent_size=native_size(family) // 8,
                  region_channels=128)
     if share_with is None:
         return fill_random(PromptNet(config, **shape), seed).to(dtype).eval()
