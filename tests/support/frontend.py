@@ -111,21 +111,37 @@ class FrontendPage:
         self.browser.close()
         self._pw.stop()
 
-    def open_template(self, module: str, name: str, node_count: int):
-        """Open a template from the template browser: Templates, the pack's category, the card."""
+    def open_template(self, module: str, name: str, node_count: int, timeout: float = 240.0):
+        """Open a template from the template browser: Templates, the pack's category, the card. The card is clicked
+        again while it is still shown half a minute later (a click can land beside a card that thumbnails are
+        still moving, or beside it on another card); the template counts as open when the browser has closed and the
+        graph has the file's nodes."""
         pg = self.page
-        card = pg.locator(f'[data-testid="template-workflow-{name}"]')
-        if not card.count():
-            category = pg.get_by_text(module, exact=True)
-            if not category.count():
-                pg.get_by_role("button", name="Templates").first.click()
-                category.first.wait_for(timeout=60000)
-            category.first.click()
-            card.first.wait_for(timeout=60000)
-        card.first.click()
-        pg.wait_for_function(f"() => app.graph.nodes.length === {node_count} && "
-                             "!document.querySelector('[data-testid^=\"template-workflow-\"]')", timeout=60000)
-        self.settle()
+        selector = f'[data-testid="template-workflow-{name}"]'
+        card = pg.locator(selector)
+        probe = "(s) => [app.graph.nodes.length, !!document.querySelector(s)]"
+        deadline = time.time() + timeout
+        while True:
+            if not card.count():
+                category = pg.get_by_text(module, exact=True)
+                if not category.count():
+                    pg.get_by_role("button", name="Templates").first.click()
+                    category.first.wait_for(timeout=60000)
+                category.first.click()
+                card.first.wait_for(timeout=60000)
+            card.first.click()
+            clicked = time.time()
+            while time.time() < min(deadline, clicked + 30):
+                nodes, shown = pg.evaluate(probe, selector)
+                if nodes == node_count and not shown:
+                    self.settle()
+                    return
+                time.sleep(0.5)
+            if time.time() >= deadline:
+                nodes, shown = pg.evaluate(probe, selector)
+                raise AssertionError(f"template {name!r} did not open within {timeout:.0f} s: the graph has {nodes} "
+                                     f"nodes (the file {node_count}), the template card is "
+                                     f"{'still' if shown else 'no longer'} shown")
 
     def load_graph(self, ui: dict, name: str = "check"):
         self.page.evaluate("([w, n]) => app.loadGraphData(w, true, true, n)", [ui, name])
