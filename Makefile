@@ -1,6 +1,6 @@
 PY ?= .host/venv/bin/python
 
-.PHONY: setup test bench bench-sdxl bench-gpu workflows
+.PHONY: setup test bench bench-sdxl bench-gpu gpu-bundle workflows
 setup:
 	bash scripts/setup.sh
 test:
@@ -11,5 +11,7 @@ bench-sdxl:
 	bash bench/sdxl_cpu.sh
 bench-gpu:
 	bash bench/gpu.sh
+gpu-bundle:
+	bash bench/gpu_bundle.sh
 workflows:
 	$(PY) scripts/build_workflows.py

@@ -26,7 +26,7 @@ vs one batched call for the block's own and the reference attention).
 Device: CUDA in fp16 when present (LIKENESS_BENCH_DEVICE=auto|cpu|cuda), else the CPU in fp32; LIKENESS_BENCH_DTYPE=bf16
 halves the weights' memory and time on a CPU with bfloat16 instructions (the committed CPU results say which).
 Knobs: LIKENESS_BENCH_STEPS, LIKENESS_BENCH_ROUNDS, LIKENESS_BENCH_SIZE, LIKENESS_BENCH_MODES (a subset of the
-modes), LIKENESS_BENCH_THREADS (1).
+modes), LIKENESS_BENCH_THREADS (1), LIKENESS_BENCH_TAG (a suffix for the result's name, bench/common.py).
 Run: .host/venv/bin/python bench/bench_inv_adapter.py [sd15 ...]
 """
 import contextlib

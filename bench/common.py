@@ -7,6 +7,10 @@ Timing: `alternate` runs every mode once per round, in the same order, for sever
 reports each mode's median and range and its ratio to a baseline mode taken within each round (so slow phases
 of a shared machine hit both sides of a ratio). On the CPU the clock is the process's user CPU time (threads are
 pinned to LIKENESS_BENCH_THREADS, 1 by default); on CUDA it is wall time after a device synchronise.
+
+Results go to bench/results/<name>.json (LIKENESS_BENCH_RESULTS names another folder); LIKENESS_BENCH_TAG=<word>
+writes <name>_<word>.json instead, so a run with other knobs (more steps, another device) sits beside the default
+one rather than replacing it.
 """
 import json
 import os
@@ -18,7 +22,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
+RESULTS = os.environ.get("LIKENESS_BENCH_RESULTS") or os.path.join(REPO, "bench", "results")
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
@@ -220,8 +224,17 @@ class EvalCounter:
         return apply_model(args["input"], args["timestep"], **args["c"])
 
 
+def result_name(name):
+    """The result's file name: the bench's own, or with LIKENESS_BENCH_TAG appended."""
+    tag = os.environ.get("LIKENESS_BENCH_TAG", "")
+    if tag and not tag.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"LIKENESS_BENCH_TAG must be letters, digits, '-' or '_' (got {tag!r})")
+    return f"{name}_{tag}" if tag else name
+
+
 def write_result(name, data):
     os.makedirs(RESULTS, exist_ok=True)
+    name = result_name(name)
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path, "w") as f:
         json.dump(data, f, indent=2)

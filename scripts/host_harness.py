@@ -46,6 +46,11 @@ def import_host(base_dir: str):
     args.cpu = not torch.cuda.is_available()
     args.base_directory = base_dir
     args.disable_api_nodes = True
+    try:
+        import comfyui_frontend_package  # noqa: F401
+    except ImportError:  # no socket is served in-process; a bare GPU image (bench/gpu_bundle.sh) need not carry it
+        args.front_end_root = os.path.join(base_dir, "no_frontend")
+        os.makedirs(args.front_end_root, exist_ok=True)
     for sub in ("models/checkpoints", "models/embeddings", "input", "output", "temp", "user"):
         os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
     link_pack(os.path.join(base_dir, "custom_nodes"))
