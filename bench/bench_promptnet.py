@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, boot_host, median_times, result_name, standin_checkpoint, write_result
+from common import boot_host, median_times, result_path, standin_checkpoint, write_result
 import full_models as fm
 
 REPEATS = int(os.environ.get("LIKENESS_BENCH_REPEATS", "5"))
@@ -290,7 +290,7 @@ def measure_standin(comfy_dir, base):
 
 
 def main(parts):
-    path = os.path.join(RESULTS, result_name("promptnet") + ".json")  # parts not rerun are kept
+    path = result_path("promptnet")  # parts not rerun are kept
     result = json.load(open(path)) if os.path.exists(path) else {}
     result = {k: v for k, v in result.items() if k in ("flops", "full_size", "resize", "standin")}
     comfy_dir, base = boot_host()

@@ -232,10 +232,14 @@ def result_name(name):
     return f"{name}_{tag}" if tag else name
 
 
+def result_path(name):
+    """Where the bench called `name` writes its result (RESULTS, the tag applied)."""
+    return os.path.join(RESULTS, f"{result_name(name)}.json")
+
+
 def write_result(name, data):
     os.makedirs(RESULTS, exist_ok=True)
-    name = result_name(name)
-    path = os.path.join(RESULTS, f"{name}.json")
+    path = result_path(name)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
