@@ -1,6 +1,7 @@
-"""The bench's plumbing for a GPU session, checked on the CPU: results named by LIKENESS_BENCH_TAG, the host booted
-in-process on an image without the frontend package (what bench/gpu_bundle.sh leaves out), and bench/gpu.sh
-refusing to measure without CUDA. The benches themselves are measurements (bench/, docs/speed.md), not tests."""
+"""The bench's plumbing, checked on the CPU: results named by LIKENESS_BENCH_TAG, the host booted in-process on an
+image without the frontend package (what bench/gpu_bundle.sh leaves out), bench/gpu.sh refusing to measure
+without CUDA, and how the Inv-Adapter bench judges a mode against its limit. The benches themselves are
+measurements (bench/, docs/speed.md), not tests."""
 import os
 import subprocess
 import sys
@@ -70,3 +71,19 @@ def test_gpu_script_refuses_without_cuda():
                           env=dict(os.environ, PY=sys.executable, LIKENESS_GPU_BUNDLE="0"))
     assert done.returncode != 0
     assert "torch sees no CUDA device" in done.stderr
+
+
+def test_first_image_is_judged_whole_and_by_parts(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    sys.modules.pop("common", None)
+    import bench_inv_adapter as bench
+    med = {"host": 10.0, "limit": 12.0, "reuse": 12.6, "extract": 5.0, "extract_floor": 4.0,
+           "first_image": 18.0, "first_image_limit": 17.0}
+    within = bench.time_over_limits(med)
+    assert within["reuse"] == pytest.approx(1.05) and within["extract"] == pytest.approx(1.25)
+    assert within["first_image"] == pytest.approx(18 / 17)
+    assert within["first_image_by_parts"] == pytest.approx(17.6 / 16)  # (extract + reuse) / (floor + limit)
+    assert within["first_image_limit_over_its_parts"] == pytest.approx(17 / 16)
+    partial = bench.time_over_limits({"host": 10.0, "limit": 12.0, "reuse": 12.6, "extract": 5.0})
+    assert set(partial) == {"reuse"}  # no floor measured: no by-parts verdict, and no extraction verdict
+    sys.modules.pop("common", None)
