@@ -66,8 +66,9 @@ class EAAContribution(Contribution):
                 kept[id(self)] = (feats, k, v)
         rows = call.q.shape[0]
         if k.shape[0] != rows:
-            # One materialised copy per row: the host's CPU kernel (sub-quadratic attention) runs slower on a
-            # broadcast (stride-0) batch than on a contiguous one.
+            # One materialised copy per row rather than a broadcast (stride-0) batch: every host kernel takes it,
+            # and bench/bench_attention_layout.py found it no slower on the CPU default kernel (a few % on
+            # attention_pytorch; docs/methods/inv-adapter.md, Speed).
             k, v = k.expand(rows, -1, -1).contiguous(), v.expand(rows, -1, -1).contiguous()
         return k, v
 

@@ -26,7 +26,8 @@ Reported per mode: median and range of the time and of its ratio to host in the 
 added time per model call over host and over its limit, peak memory; INV_FEATURES bytes per step and the storage
 choice for 50 steps; the fast mode's deviation from the exact output on the same seed; three layout measurements
 (separate vs same-batch live reference pass, broadcast vs contiguous K' in the host kernel, two attention calls
-vs one batched call for the block's own and the reference attention).
+vs one batched call for the block's own and the reference attention), each a single timing inside this run;
+bench_attention_layout.py times the two kernel layouts on their own over many rounds.
 Device: CUDA in fp16 when present (LIKENESS_BENCH_DEVICE=auto|cpu|cuda), else the CPU in fp32; LIKENESS_BENCH_DTYPE=bf16
 halves the weights' memory and time on a CPU with bfloat16 instructions (the committed CPU results say which).
 Knobs: LIKENESS_BENCH_STEPS, LIKENESS_BENCH_ROUNDS, LIKENESS_BENCH_SIZE, LIKENESS_BENCH_MODES (a subset of the

@@ -4,9 +4,10 @@
 # Python: $PY if set; else this checkout's .host venv (after `LIKENESS_GPU=1 bash scripts/setup.sh`, so torch has
 # CUDA); else, on a bare CUDA image with PyTorch but no network, python3 with .gpu_bundle/ (the host and the
 # wheels it lacks, packed beforehand by `bash bench/gpu_bundle.sh` on a machine with the host).
-# Writes bench/results/full_<family>_cuda.json (sd2: ProFusion end to end) and inv_adapter_<family>_cuda.json,
-# beside the CPU results (LIKENESS_BENCH_TAG changes the suffix, LIKENESS_BENCH_RESULTS the folder), and says how
-# long each bench took. Steps and rounds are meant to keep the whole run to a few minutes on one data-centre GPU.
+# Writes attention_layout_cuda.json, full_<family>_cuda.json (sd2: ProFusion end to end) and
+# inv_adapter_<family>_cuda.json in bench/results, beside the CPU results (LIKENESS_BENCH_TAG changes the suffix,
+# LIKENESS_BENCH_RESULTS the folder), and says how long each bench took. Steps and rounds are meant to keep the
+# whole run to a few minutes on one data-centre GPU.
 #   LIKENESS_GPU_DRY_RUN=1   the same benches and plumbing on the CPU at 128 px, 1 step, 1 round, results in a
 #                            temporary folder: a check that the script runs, not a measurement
 set -euo pipefail
@@ -41,6 +42,10 @@ timed() {
   "$PY" "$@"
   echo "[gpu.sh] $* took $((SECONDS - start)) s (results in ${LIKENESS_BENCH_RESULTS:-bench/results})" >&2
 }
+# The layout bench times single attention calls (milliseconds on a GPU), so it takes more rounds than the others.
+layout_rounds=$LIKENESS_BENCH_ROUNDS
+[ "${LIKENESS_GPU_DRY_RUN:-0}" = 1 ] || layout_rounds=${LIKENESS_BENCH_LAYOUT_ROUNDS:-25}
+LIKENESS_BENCH_ROUNDS=$layout_rounds timed bench/bench_attention_layout.py
 timed bench/bench_full.py sd15 sd2 sdxl
 timed bench/bench_inv_adapter.py sd15 sdxl
 echo "[gpu.sh] done in $SECONDS s" >&2

@@ -1,7 +1,8 @@
 """The bench's plumbing, checked on the CPU: results named by LIKENESS_BENCH_TAG, the host booted in-process on an
 image without the frontend package (what bench/gpu_bundle.sh leaves out), bench/gpu.sh refusing to measure
-without CUDA, and how the Inv-Adapter bench judges a mode against its limit. The benches themselves are
-measurements (bench/, docs/speed.md), not tests."""
+without CUDA, how the Inv-Adapter bench judges a mode against its limit, and that the attention layouts the
+layout bench compares compute the same thing. The benches themselves are measurements (bench/, docs/speed.md),
+not tests."""
 import os
 import subprocess
 import sys
@@ -74,8 +75,7 @@ def test_gpu_script_refuses_without_cuda():
 
 
 def test_first_image_is_judged_whole_and_by_parts(monkeypatch):
-    monkeypatch.syspath_prepend(BENCH)
-    sys.modules.pop("common", None)
+    bench_common(monkeypatch)
     import bench_inv_adapter as bench
     med = {"host": 10.0, "limit": 12.0, "reuse": 12.6, "extract": 5.0, "extract_floor": 4.0,
            "first_image": 18.0, "first_image_limit": 17.0}
@@ -86,4 +86,36 @@ def test_first_image_is_judged_whole_and_by_parts(monkeypatch):
     assert within["first_image_limit_over_its_parts"] == pytest.approx(17 / 16)
     partial = bench.time_over_limits({"host": 10.0, "limit": 12.0, "reuse": 12.6, "extract": 5.0})
     assert set(partial) == {"reuse"}  # no floor measured: no by-parts verdict, and no extraction verdict
+    sys.modules.pop("common", None)
+
+
+def test_attention_layouts_agree_and_a_saving_is_settled_only_beyond_chance(monkeypatch):
+    bench_common(monkeypatch)
+    import torch
+    import bench_attention_layout as bench
+
+    def kernel(q, k, v, heads):  # the host kernels' calling convention: (batch, tokens, heads * dim_head)
+        split = lambda x: x.unflatten(-1, (heads, -1)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).flatten(2)
+
+    g = torch.Generator().manual_seed(0)
+    q, kv, ref = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g), torch.randn(1, 16, 8, generator=g)
+    fns = bench.layouts(kernel, q, kv, ref, heads=2)
+    assert max(bench.differences(fns).values()) < 1e-6
+    fns["one_call"] = lambda: kernel(q, kv, kv, 2)  # a layout that drops the reference term is not the same thing
+    assert bench.differences(fns)["one_batched_call"] > 1e-2
+
+    def shape(sites, two, one):
+        return {"sites": sites, "raw": {"two_calls": two, "one_call": one}}
+    agreed = bench.savings([shape(5, [2.0] * 6, [1.8, 1.7, 1.8, 1.7, 1.8, 1.7]), shape(1, [1.0] * 6, [1.2, 1.3] * 3)],
+                           "one_batched_call")
+    assert agreed["per_evaluation"]["min"] == pytest.approx(1 - 10.2 / 11)  # weighted by how many sites share a shape
+    assert agreed["sign_test_p"] == pytest.approx(2 / 2 ** 6)
+    assert agreed["settled"] == pytest.approx(agreed["per_evaluation"]["median"])
+    mixed = bench.savings([shape(1, [1.0] * 9, [0.9] * 7 + [1.1, 0.95])], "one_batched_call")  # 8 of 9 rounds agree
+    assert mixed["sign_test_p"] == pytest.approx(2 * 10 / 512) and mixed["settled"] == pytest.approx(0.1)
+    split = bench.savings([shape(1, [1.0] * 9, [0.9] * 6 + [1.1] * 3)], "one_batched_call")  # 6 of 9: chance
+    assert split["settled"] is None and split["per_evaluation"]["median"] == pytest.approx(0.1)
+    assert bench.savings([shape(1, [1.0], [0.5])], "one_batched_call")["settled"] is None  # one round settles nothing
     sys.modules.pop("common", None)
