@@ -121,6 +121,7 @@ def layout_measurements(model, cond, size, device, dtype, clock, repeats=2, warm
     import comfy.ldm.modules.attention as attn
     import comfy.model_management
     from comfyui_likeness.core.layout import attention_layout
+    from bench_attention_layout import layouts
     from common import median_times
 
     comfy.model_management.load_models_gpu([model])
@@ -146,13 +147,10 @@ def layout_measurements(model, cond, size, device, dtype, clock, repeats=2, warm
         h = site.heads
         kernel = attn.optimized_attention
         kernel_name = getattr(kernel, "__name__", str(kernel))
-        shapes = median_times({
-            "broadcast_reference": lambda: kernel(q, r.expand(2, -1, -1), r.expand(2, -1, -1), h),
-            "contiguous_reference": lambda: kernel(q, r.expand(2, -1, -1).contiguous(), r.expand(2, -1, -1).contiguous(), h),
-            "two_calls": lambda: (kernel(q, kv, kv, h), kernel(q, r.expand(2, -1, -1).contiguous(), r.expand(2, -1, -1).contiguous(), h)),
-            "one_batched_call": lambda: kernel(torch.cat([q, q]), torch.cat([kv, r.expand(2, -1, -1)]),
-                                               torch.cat([kv, r.expand(2, -1, -1)]), h),
-        }, repeats=repeats, clock=clock)
+        fns = layouts(kernel, q, kv, r, h)
+        shapes = median_times({"broadcast_reference": fns["broadcast"], "contiguous_reference": fns["contiguous"],
+                               "two_calls": fns["two_calls"], "one_batched_call": fns["one_call"]},
+                              repeats=repeats, clock=clock)
     return {
         "same_batch_vs_separate_reference_pass_seconds": {**batch,
                                                           "saving_of_same_batch": 1 - batch["batch_3"] / batch["batch_2_plus_1"]},
