@@ -29,7 +29,8 @@ choice for 50 steps; the fast mode's deviation from the exact output on the same
 vs one batched call for the block's own and the reference attention), each a single timing inside this run;
 bench_attention_layout.py times the two kernel layouts on their own over many rounds.
 Device: CUDA in fp16 when present (LIKENESS_BENCH_DEVICE=auto|cpu|cuda), else the CPU in fp32; LIKENESS_BENCH_DTYPE=bf16
-halves the weights' memory and time on a CPU with bfloat16 instructions (the committed CPU results say which).
+halves the weights' memory and time on a CPU with bfloat16 instructions (the committed CPU results say which;
+on a CPU that only emulates bf16 it is refused, bench/full_models.py).
 Knobs: LIKENESS_BENCH_STEPS, LIKENESS_BENCH_ROUNDS, LIKENESS_BENCH_SIZE, LIKENESS_BENCH_MODES (a subset of the
 modes), LIKENESS_BENCH_THREADS (1), LIKENESS_BENCH_TAG (a suffix for the result's name, bench/common.py).
 Run: .host/venv/bin/python bench/bench_inv_adapter.py [sd15 ...]

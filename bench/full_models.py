@@ -7,7 +7,8 @@ from the host's own classes (no files, no download), so a bench measures the arc
 
 Weights are random and deterministic (std 1/sqrt(fan_in), zero biases, unit norms): images are noise-like, cost
 and memory are those of the real model. bench_device() picks CUDA in fp16 when a GPU is present (LIKENESS_BENCH_DEVICE
-= auto | cpu | cuda), else the CPU in fp32. Import after the host (bench/common.boot_host).
+= auto | cpu | cuda), else the CPU in fp32 (bf16 on request, refused on a CPU that only emulates it). Import
+after the host (bench/common.boot_host); `python bench/full_models.py` prints the CPU scripts' dtype.
 """
 import os
 
@@ -50,7 +51,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def bench_device():
     """(torch device, dtype) of a bench run: CUDA in fp16 when present (or asked for), else the CPU in fp32.
-    LIKENESS_BENCH_DEVICE = auto | cpu | cuda; LIKENESS_BENCH_DTYPE = fp32 | fp16 | bf16 overrides the dtype."""
+    LIKENESS_BENCH_DEVICE = auto | cpu | cuda; LIKENESS_BENCH_DTYPE = fp32 | fp16 | bf16 overrides the dtype (bf16
+    on a CPU that only emulates it is refused: see BF16_TOO_SLOW)."""
     choice = os.environ.get("LIKENESS_BENCH_DEVICE", "auto")
     if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"LIKENESS_BENCH_DEVICE must be auto, cpu or cuda (got {choice!r})")
@@ -61,7 +63,43 @@ def bench_device():
         if not torch.cuda.is_available():
             raise RuntimeError("LIKENESS_BENCH_DEVICE=cuda but torch sees no CUDA device")
         return torch.device("cuda"), DTYPES[named or "fp16"]
+    if named == "bf16":
+        slowdown = cpu_bf16_slowdown()
+        if slowdown > BF16_TOO_SLOW:
+            raise RuntimeError(
+                f"LIKENESS_BENCH_DTYPE=bf16: this CPU has no bfloat16 instructions (avx512_bf16 or AMX), so torch "
+                f"emulates them and a bf16 matrix product takes {slowdown:.0f} times as long as in fp32; the bench "
+                "would take days. Use LIKENESS_BENCH_DTYPE=fp32 (twice the weights' memory).")
     return torch.device("cpu"), DTYPES[named or "fp32"]
+
+
+# A CPU without bfloat16 instructions (AVX2 only) emulates bf16: a 1024^2 matrix product took 109 times as long as
+# in fp32 on such a machine (AMD EPYC, torch 2.13); with avx512_bf16 or AMX bf16 is faster than fp32.
+BF16_TOO_SLOW = 4.0
+
+
+def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """How many times as long a bf16 matrix product takes as an fp32 one on this CPU (best of `repeats`): measured
+    rather than read off CPU flags, since what matters is what torch's kernels do with them."""
+    import time
+
+    def best(dtype):
+        a = torch.ones(size, size, dtype=dtype)
+        a @ a
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def quick_cpu_dtype() -> str:
+    """bf16 where this CPU computes it natively (half the weights' memory and quicker), else fp32: the CPU scripts'
+    default (bench/sdxl_cpu.sh, the dry run of bench/gpu.sh)."""
+    return "bf16" if cpu_bf16_slowdown() <= BF16_TOO_SLOW else "fp32"
 
 
 @torch.no_grad()
@@ -239,3 +277,7 @@ def face_image(size: int = 512, seed: int = 5):
     blob = torch.exp(-(xx ** 2 + (yy * 1.2) ** 2) * 2.0)
     img = torch.stack([blob * 0.9, blob * 0.7 + 0.1, blob * 0.5 + 0.2], -1)
     return (img + 0.05 * torch.rand(size, size, 3, generator=g)).clamp(0, 1)[None]
+
+
+if __name__ == "__main__":  # the CPU scripts' dtype: python bench/full_models.py -> bf16 | fp32
+    print(quick_cpu_dtype())

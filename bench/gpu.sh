@@ -8,8 +8,9 @@
 # inv_adapter_<family>_cuda.json in bench/results, beside the CPU results (LIKENESS_BENCH_TAG changes the suffix,
 # LIKENESS_BENCH_RESULTS the folder), and says how long each bench took. Steps and rounds are meant to keep the
 # whole run to a few minutes on one data-centre GPU.
-#   LIKENESS_GPU_DRY_RUN=1   the same benches and plumbing on the CPU at 128 px, 1 step, 1 round, results in a
-#                            temporary folder: a check that the script runs, not a measurement
+#   LIKENESS_GPU_DRY_RUN=1   the same benches and plumbing on the CPU at 128 px, 1 step, 1 round (bf16 where the
+#                            CPU has it, else fp32), results in a temporary folder: a check that the script runs,
+#                            not a measurement
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=${LIKENESS_GPU_BUNDLE:-auto}  # 1: use .gpu_bundle with any $PY; auto: unless the Python is the .host venv
@@ -27,7 +28,9 @@ elif [ "$bundle" = 1 ]; then
   echo "bench/gpu.sh: LIKENESS_GPU_BUNDLE=1 but there is no .gpu_bundle/ (run bash bench/gpu_bundle.sh)" >&2; exit 1
 fi
 if [ "${LIKENESS_GPU_DRY_RUN:-0}" = 1 ]; then
-  export LIKENESS_BENCH_DEVICE=cpu LIKENESS_BENCH_DTYPE=bf16 LIKENESS_BENCH_SIZE=128 LIKENESS_BENCH_STEPS=1
+  # bf16 where the CPU has bfloat16 instructions, else fp32 (emulated bf16 would take many times as long)
+  dry_dtype=$("$PY" bench/full_models.py)
+  export LIKENESS_BENCH_DEVICE=cpu LIKENESS_BENCH_DTYPE=$dry_dtype LIKENESS_BENCH_SIZE=128 LIKENESS_BENCH_STEPS=1
   export LIKENESS_BENCH_ROUNDS=1 LIKENESS_BENCH_TAG=dryrun LIKENESS_BENCH_THREADS=${LIKENESS_BENCH_THREADS:-2}
   export LIKENESS_BENCH_RESULTS=${LIKENESS_BENCH_RESULTS:-$(mktemp -d)}
 else

@@ -74,6 +74,31 @@ def test_gpu_script_refuses_without_cuda():
     assert "torch sees no CUDA device" in done.stderr
 
 
+def test_bf16_is_refused_on_a_cpu_that_emulates_it_and_the_cpu_scripts_pick_fp32(monkeypatch):
+    """On an AVX2-only CPU torch emulates bf16 (a matrix product about 70-110 times as long as fp32): the SDXL CPU
+    bench in bf16 would run for days, so asking for it is refused and the CPU scripts default to fp32 there."""
+    import torch
+    bench_common(monkeypatch, LIKENESS_BENCH_DEVICE="cpu", LIKENESS_BENCH_DTYPE="bf16")
+    sys.modules.pop("full_models", None)
+    import full_models as fm
+    monkeypatch.setattr(fm, "cpu_bf16_slowdown", lambda: 72.6)
+    with pytest.raises(RuntimeError, match="DTYPE=bf16: this CPU has no bfloat16 instructions.*73 times as long"):
+        fm.bench_device()
+    assert fm.quick_cpu_dtype() == "fp32"
+    monkeypatch.setattr(fm, "cpu_bf16_slowdown", lambda: 0.6)
+    assert fm.bench_device() == (torch.device("cpu"), torch.bfloat16) and fm.quick_cpu_dtype() == "bf16"
+    monkeypatch.undo()
+    # The probe itself, and the command the scripts call, on this machine's CPU.
+    slowdown = fm.cpu_bf16_slowdown()
+    assert 0 < slowdown < float("inf")
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "full_models.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ("bf16" if slowdown <= fm.BF16_TOO_SLOW else "fp32")
+    sys.modules.pop("full_models", None)
+    sys.modules.pop("common", None)
+
+
 def test_first_image_is_judged_whole_and_by_parts(monkeypatch):
     bench_common(monkeypatch)
     import bench_inv_adapter as bench
