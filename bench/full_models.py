@@ -67,9 +67,9 @@ def bench_device():
         slowdown = cpu_bf16_slowdown()
         if slowdown > BF16_TOO_SLOW:
             raise RuntimeError(
-                f"LIKENESS_BENCH_DTYPE=bf16: this CPU has no bfloat16 instructions (avx512_bf16 or AMX), so torch "
-                f"emulates them and a bf16 matrix product takes {slowdown:.0f} times as long as in fp32; the bench "
-                "would take days. Use LIKENESS_BENCH_DTYPE=fp32 (twice the weights' memory).")
+                f"LIKENESS_BENCH_DTYPE=bf16: this CPU emulates bfloat16 (no avx512_bf16 or AMX instructions): a bf16 "
+                f"matrix product takes {slowdown:.0f} times as long as in fp32 here, so a full-size bench would take "
+                "days. Use LIKENESS_BENCH_DTYPE=fp32 (twice the weights' memory).")
     return torch.device("cpu"), DTYPES[named or "fp32"]
 
 
@@ -80,7 +80,8 @@ BF16_TOO_SLOW = 4.0
 
 def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
     """How many times as long a bf16 matrix product takes as an fp32 one on this CPU (best of `repeats`): measured
-    rather than read off CPU flags, since what matters is what torch's kernels do with them."""
+    rather than read off CPU flags, since what matters is what torch's kernels do with them. One thread: with two,
+    a core busy elsewhere stalled the fp32 product from 0.24 ms to 16 ms (a scheduler slice) in some runs."""
     import time
 
     def best(dtype):
@@ -93,7 +94,12 @@ def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def quick_cpu_dtype() -> str:
