@@ -79,27 +79,20 @@ BF16_TOO_SLOW = 4.0
 
 
 def cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
-    """How many times as long a bf16 matrix product takes as an fp32 one on this CPU (best of `repeats`): measured
-    rather than read off CPU flags, since what matters is what torch's kernels do with them. One thread: with two,
-    a core busy elsewhere stalled the fp32 product from 0.24 ms to 16 ms (a scheduler slice) in some runs."""
-    import time
+    """How many times as long a bf16 matrix product takes as an fp32 one on this CPU (median of `repeats`,
+    alternated): measured rather than read off CPU flags, since what matters is what torch's kernels do with them.
+    One thread: with two, a core busy elsewhere stalled the fp32 product from 0.24 ms to 16 ms (a scheduler slice)
+    in some runs."""
+    from common import median_times
 
-    def best(dtype):
-        a = torch.ones(size, size, dtype=dtype)
-        a @ a
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+    matrices = {name: torch.ones(size, size, dtype=DTYPES[name]) for name in ("bf16", "fp32")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+        t = median_times({name: (lambda m=m: m @ m) for name, m in matrices.items()}, repeats=repeats)
     finally:
         torch.set_num_threads(threads)
+    return t["bf16"] / max(t["fp32"], 1e-9)
 
 
 def quick_cpu_dtype() -> str:
